@@ -1,0 +1,1 @@
+//! Local Together API simulator.
