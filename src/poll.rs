@@ -1,0 +1,145 @@
+//! Polling: follow submitted jobs until they end, then download their output and error files
+//! and hand the lines to `results`.
+//!
+//! A job of any terminal status (COMPLETED, FAILED, EXPIRED, CANCELLED) is harvested: both
+//! files are read when the job names them, and items in neither are requeued. Statuses are
+//! matched case-insensitively; an unknown one is logged once and treated as still running.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BatchConfig;
+use crate::provider::{BatchJob, Provider, ProviderError, ResultLine};
+use crate::results::{self, parse_result_file};
+use crate::store::{BatchRow, Store, StoreError};
+use crate::wake::{Listener, Signal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+}
+
+/// The poller stage.
+pub struct Poller {
+    store: Store,
+    provider: Provider,
+    config: BatchConfig,
+    /// Unknown statuses already logged, so each is logged once.
+    unknown_logged: HashSet<String>,
+    /// Raised when a job was harvested: a place under the in-flight cap is free again.
+    harvested: Signal,
+}
+
+impl Poller {
+    pub fn new(store: Store, provider: Provider, config: BatchConfig, harvested: Signal) -> Self {
+        Poller {
+            store,
+            provider,
+            config,
+            unknown_logged: HashSet::new(),
+            harvested,
+        }
+    }
+
+    /// Polls every job that is due. Returns how many were harvested.
+    pub async fn poll_once(&mut self) -> Result<u64, StoreError> {
+        let mut harvested = 0;
+        for batch in self.store.due_polls(Utc::now()).await? {
+            match self.poll_batch(&batch).await {
+                Ok(true) => harvested += 1,
+                Ok(false) => {}
+                Err(PollError::Store(error)) => return Err(error),
+                Err(PollError::Provider(error)) => {
+                    tracing::warn!(batch = batch.id, job = ?batch.provider_batch_id, %error, "polling a batch job failed; retrying at the next poll");
+                    let status = batch.provider_status.clone().unwrap_or_default();
+                    self.store.record_poll(batch.id, &status, batch.progress, self.next_poll()).await?;
+                }
+            }
+        }
+        if harvested > 0 {
+            self.harvested.raise();
+        }
+        Ok(harvested)
+    }
+
+    fn next_poll(&self) -> chrono::DateTime<Utc> {
+        Utc::now() + chrono::Duration::from_std(self.config.poll_interval).unwrap_or_default()
+    }
+
+    async fn poll_batch(&mut self, batch: &BatchRow) -> Result<bool, PollError> {
+        let job_id = batch.provider_batch_id.clone().unwrap_or_default();
+        let job = self.provider.batch(&job_id).await?;
+        if !job.status.is_terminal() {
+            if let crate::provider::BatchStatus::Unknown(status) = &job.status
+                && self.unknown_logged.insert(status.clone())
+            {
+                tracing::warn!(job = %job_id, %status, "unknown batch status; treating the job as still running");
+            }
+            self.store
+                .record_poll(batch.id, job.status.as_str(), job.progress, self.next_poll())
+                .await?;
+            return Ok(false);
+        }
+        let output = self.download(job.output_file_id.as_deref()).await?;
+        let errors = self.download(job.error_file_id.as_deref()).await?;
+        self.harvest(batch, &job, &output, &errors).await?;
+        Ok(true)
+    }
+
+    /// Downloads and splits a result file; no file id means no file.
+    async fn download(&self, file_id: Option<&str>) -> Result<Vec<ResultLine>, PollError> {
+        let Some(file_id) = file_id.filter(|id| !id.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        let bytes = self.provider.file_content(file_id).await?;
+        let (lines, bad) = parse_result_file(&bytes);
+        if bad > 0 {
+            tracing::warn!(file = %file_id, bad_lines = bad, "result file has lines that are not valid result JSON; their items will be requeued");
+        }
+        Ok(lines)
+    }
+
+    async fn harvest(
+        &self,
+        batch: &BatchRow,
+        job: &BatchJob,
+        output: &[ResultLine],
+        errors: &[ResultLine],
+    ) -> Result<(), PollError> {
+        let counts = results::harvest(&self.store, batch.id, job, output, errors, self.config.max_attempts).await?;
+        if counts.first {
+            tracing::info!(
+                batch = batch.id,
+                job = %job.id,
+                status = job.status.as_str(),
+                succeeded = counts.succeeded,
+                failed = counts.failed,
+                requeued = counts.requeued,
+                ignored_lines = counts.ignored,
+                "batch job finished"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(mut self, mut submitted: Listener, cancel: CancellationToken) {
+        loop {
+            if let Err(error) = self.poll_once().await {
+                tracing::warn!(%error, "polling batch jobs failed; retrying");
+            }
+            let wait = self.config.poll_interval.min(Duration::from_secs(5)).max(Duration::from_millis(50));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = submitted.wait() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The real-time path: urgent items, items due before a batch could finish, and endpoints the
+//! provider cannot batch go out as individual rate-limited calls.
+//!
+//! One worker per endpoint claims due items (a lease marks them `in_flight`), waits for the
+//! endpoint's limiter and a concurrency permit, and sends the call as its own task. Embedding
+//! items of one model and one set of parameters are coalesced into a single request of up to
+//! `embedding_inputs_per_request` inputs and mapped back by `index`.
+
+pub mod limiter;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{BatchConfig, RealtimeConfig, SUPPORTED_ENDPOINTS};
+use crate::provider::wait::RetryPolicy;
+use crate::provider::{Answer, Failure, Provider, ProviderError};
+use crate::results::{self, AfterFailure};
+use crate::store::{ClaimedItem, Store, StoreError};
+use crate::wake::Signal;
+pub use limiter::EndpointLimiter;
+
+const EMBEDDINGS: &str = "/v1/embeddings";
+
+/// Shared state of the real-time workers.
+pub struct Realtime {
+    store: Store,
+    provider: Provider,
+    config: RealtimeConfig,
+    /// JSON array of batchable endpoints, as the claim queries take it.
+    batchable: String,
+    deadline_margin: Duration,
+    limiters: HashMap<&'static str, Arc<EndpointLimiter>>,
+    permits: Arc<Semaphore>,
+    /// Raised when items arrive or are requeued.
+    work: Signal,
+    calls: TaskTracker,
+}
+
+/// Returns the configured per-minute rate of an endpoint.
+pub fn rate_for(config: &RealtimeConfig, endpoint: &str) -> u32 {
+    match endpoint {
+        "/v1/chat/completions" => config.chat_per_minute,
+        "/v1/completions" => config.completions_per_minute,
+        EMBEDDINGS => config.embeddings_per_minute,
+        _ => config.images_per_minute,
+    }
+}
+
+impl Realtime {
+    pub fn new(
+        store: Store,
+        provider: Provider,
+        config: RealtimeConfig,
+        batch: &BatchConfig,
+        work: Signal,
+        calls: TaskTracker,
+    ) -> Arc<Realtime> {
+        let limiters = SUPPORTED_ENDPOINTS
+            .iter()
+            .map(|&e| (e, Arc::new(EndpointLimiter::per_minute(rate_for(&config, e)))))
+            .collect();
+        Arc::new(Realtime {
+            store,
+            provider,
+            permits: Arc::new(Semaphore::new(config.max_concurrency)),
+            batchable: serde_json::to_string(&batch.batchable_endpoints).expect("strings serialize"),
+            deadline_margin: batch.deadline_margin,
+            config,
+            limiters,
+            work,
+            calls,
+        })
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial: self.config.backoff_initial,
+            max_backoff: self.config.backoff_max,
+            max_wait: self.config.max_retry_wait,
+        }
+    }
+
+    /// Runs one worker per endpoint until cancelled. Calls already sent keep running in the
+    /// `calls` tracker so that shutdown can wait for them.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let workers = TaskTracker::new();
+        for endpoint in SUPPORTED_ENDPOINTS {
+            let this = self.clone();
+            let cancel = cancel.clone();
+            workers.spawn(
+                async move { this.worker(endpoint, cancel).await }
+                    .instrument(tracing::info_span!("realtime", endpoint)),
+            );
+        }
+        workers.close();
+        workers.wait().await;
+    }
+
+    async fn claim(&self, endpoint: &'static str) -> Result<Vec<ClaimedItem>, StoreError> {
+        let now = Utc::now();
+        let cutoff = now + chrono::Duration::from_std(self.deadline_margin).unwrap_or_default();
+        let lease_until = now + chrono::Duration::from_std(self.config.lease).unwrap_or_default();
+        if endpoint == EMBEDDINGS {
+            self.store
+                .claim_embeddings(&self.batchable, cutoff, lease_until, self.config.embedding_inputs_per_request)
+                .await
+        } else {
+            self.store.claim_realtime(endpoint, &self.batchable, cutoff, lease_until, 1).await
+        }
+    }
+
+    async fn worker(self: Arc<Self>, endpoint: &'static str, cancel: CancellationToken) {
+        let limiter = self.limiters[endpoint].clone();
+        let mut work = self.work.listen();
+        loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                permit = self.permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
+            };
+            let items = match self.claim(endpoint).await {
+                Ok(items) => items,
+                Err(error) => {
+                    tracing::warn!(%error, "failed to claim items for real-time calls; retrying");
+                    Vec::new()
+                }
+            };
+            if items.is_empty() {
+                drop(permit);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = work.wait() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    // Never sent: the lease expiry would return them, but say so now.
+                    self.release(&items).await;
+                    return;
+                }
+                _ = limiter.acquire() => {}
+            }
+            let this = self.clone();
+            let limiter = limiter.clone();
+            self.calls.spawn(
+                async move {
+                    this.send(endpoint, &items, &limiter).await;
+                    drop(permit);
+                }
+                .instrument(tracing::debug_span!("call", endpoint)),
+            );
+        }
+    }
+
+    /// Returns claimed items that were never sent to the queue.
+    async fn release(&self, items: &[ClaimedItem]) {
+        for item in items {
+            if let Err(error) = self.store.release_claim(item.id).await {
+                tracing::warn!(item = item.id, %error, "failed to release an unsent item; its lease will expire");
+            }
+        }
+    }
+
+    /// Sends one request for `items` (several only for coalesced embeddings) and records the
+    /// outcome of each item.
+    async fn send(&self, endpoint: &str, items: &[ClaimedItem], limiter: &EndpointLimiter) {
+        let request = match build_request(items) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(%error, "stored request body is not JSON; failing the items");
+                for item in items {
+                    let message = format!("stored request body is not valid JSON: {error}");
+                    if let Err(error) = results::record_local_failure(&self.store, item.id, &message).await {
+                        tracing::error!(item = item.id, %error, "failed to record a failed item");
+                    }
+                }
+                return;
+            }
+        };
+        let result = self.provider.call(endpoint, &request).await;
+        let outcome = match result {
+            Ok(answer) => self.record_answers(items, answer).await,
+            Err(error) => self.record_failure(items, &error, limiter).await,
+        };
+        if let Err(error) = outcome {
+            tracing::error!(%error, "failed to record a real-time result; the lease will return the items to the queue");
+        }
+    }
+
+    async fn record_answers(&self, items: &[ClaimedItem], answer: Answer) -> Result<(), StoreError> {
+        if items.len() == 1 {
+            results::record_answer(&self.store, items[0].id, &answer).await?;
+            return Ok(());
+        }
+        for (item, body) in items.iter().zip(split_embeddings(&answer.body, items.len())) {
+            let single = Answer { status: answer.status, body };
+            results::record_answer(&self.store, item.id, &single).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_failure(
+        &self,
+        items: &[ClaimedItem],
+        error: &ProviderError,
+        limiter: &EndpointLimiter,
+    ) -> Result<(), StoreError> {
+        let policy = self.policy();
+        let attempts = items.iter().map(|i| i.attempts).max().unwrap_or(0);
+        let delay = policy.delay(error.server_wait(), attempts);
+        if error.class() == Failure::RateLimited {
+            limiter.pause(delay);
+            tracing::warn!(%error, wait_ms = delay.as_millis() as u64, "rate limited; pausing the endpoint");
+        }
+        let mut failed = 0;
+        for item in items {
+            let after = results::record_call_failure(
+                &self.store,
+                item.id,
+                item.attempts,
+                self.config.max_attempts,
+                error,
+                delay,
+            )
+            .await?;
+            if after == AfterFailure::Failed {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            tracing::warn!(%error, items = failed, "real-time call failed; items marked failed");
+        } else if error.class() != Failure::RateLimited {
+            tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "real-time call failed; retrying");
+        }
+        Ok(())
+    }
+}
+
+/// Builds the request body: the item's own body, or for coalesced embeddings the shared
+/// parameters with every item's input in one array.
+fn build_request(items: &[ClaimedItem]) -> Result<Value, serde_json::Error> {
+    let mut first: Value = serde_json::from_str(&items[0].body)?;
+    if items.len() == 1 {
+        return Ok(first);
+    }
+    let mut inputs = Vec::with_capacity(items.len());
+    for item in items {
+        let body: Value = serde_json::from_str(&item.body)?;
+        inputs.push(body["input"].clone());
+    }
+    first["input"] = Value::Array(inputs);
+    Ok(first)
+}
+
+/// Splits a coalesced embeddings answer into one answer per input, in input order, by the
+/// `index` of each vector. An input the answer lacks gets an empty `data` list.
+fn split_embeddings(body: &Value, count: usize) -> Vec<Value> {
+    let mut per_input: Vec<Vec<Value>> = vec![Vec::new(); count];
+    for entry in body["data"].as_array().into_iter().flatten() {
+        if let Some(index) = entry["index"].as_u64().map(|i| i as usize).filter(|i| *i < count) {
+            let mut entry = entry.clone();
+            entry["index"] = json!(0);
+            per_input[index].push(entry);
+        }
+    }
+    // NOTE: usage belongs to the whole coalesced request and cannot be split per input, so
+    // each item's answer carries none.
+    per_input
+        .into_iter()
+        .map(|data| {
+            json!({
+                "object": body.get("object").cloned().unwrap_or(json!("list")),
+                "model": body.get("model").cloned().unwrap_or(Value::Null),
+                "data": data,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: i64, body: Value) -> ClaimedItem {
+        ClaimedItem {
+            id,
+            endpoint: EMBEDDINGS.into(),
+            model: "e".into(),
+            body: body.to_string(),
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn coalesced_request_keeps_input_order() {
+        let items = [
+            item(1, json!({"model": "e", "input": "first"})),
+            item(2, json!({"model": "e", "input": "second"})),
+        ];
+        let request = build_request(&items).unwrap();
+        assert_eq!(request["input"], json!(["first", "second"]));
+        assert_eq!(request["model"], "e");
+    }
+
+    #[test]
+    fn answers_are_mapped_back_by_index() {
+        let body = json!({"object": "list", "model": "e", "data": [
+            {"object": "embedding", "embedding": [0.2], "index": 1},
+            {"object": "embedding", "embedding": [0.1], "index": 0},
+        ]});
+        let split = split_embeddings(&body, 2);
+        assert_eq!(split[0]["data"][0]["embedding"], json!([0.1]));
+        assert_eq!(split[1]["data"][0]["embedding"], json!([0.2]));
+        assert_eq!(split[1]["data"][0]["index"], json!(0));
+    }
+}

@@ -1,0 +1,328 @@
+//! Writing outcomes: each real-time answer, and each harvested batch job, is written with the
+//! state changes it causes in one transaction. Writes are guarded by the state they expect, so
+//! writing the same job's results twice changes nothing.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::provider::{Answer, BatchJob, Failure, ProviderError, ResultLine};
+use crate::store::items::outcome;
+use crate::store::items::{ItemOutcome, Usage};
+use crate::store::{mark_harvested, timestamp, ItemState, Store, StoreError};
+
+/// Prefix of the `custom_id` batchd gives each line it uploads.
+pub const LINE_ID_PREFIX: &str = "bd-";
+
+/// Returns the id batchd puts on the uploaded line of a work item.
+pub fn line_id(item_id: i64) -> String {
+    format!("{LINE_ID_PREFIX}{item_id}")
+}
+
+/// Reads a work item id back from an uploaded line's `custom_id`.
+pub fn item_id_of(custom_id: &str) -> Option<i64> {
+    custom_id.strip_prefix(LINE_ID_PREFIX)?.parse().ok()
+}
+
+/// Error-file codes that describe the provider's trouble rather than the request's.
+const RETRYABLE_LINE_CODES: [&str; 5] = [
+    "timeout",
+    "request_timeout",
+    "batch_expired",
+    "batch_cancelled",
+    "server_error",
+];
+
+/// Counts of what one harvest wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Harvest {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub requeued: u64,
+    /// Lines that named no item of this batch (or one already written).
+    pub ignored: u64,
+    /// False when the batch had been harvested before; nothing was written.
+    pub first: bool,
+}
+
+/// Writes a real-time answer for one in-flight item.
+pub async fn record_answer(store: &Store, item_id: i64, answer: &Answer) -> Result<bool, StoreError> {
+    let now = timestamp(Utc::now());
+    let body = answer.body.to_string();
+    let mut conn = store.pool().acquire().await?;
+    outcome::finish_in_flight(
+        &mut conn,
+        item_id,
+        &ItemOutcome {
+            state: ItemState::Succeeded,
+            status_code: Some(answer.status),
+            response: Some(&body),
+            error: None,
+            usage: Usage::from_body(&answer.body),
+        },
+        &now,
+    )
+    .await
+}
+
+/// Fails an in-flight item for a reason found before any call was made.
+pub async fn record_local_failure(store: &Store, item_id: i64, message: &str) -> Result<bool, StoreError> {
+    let now = timestamp(Utc::now());
+    let mut conn = store.pool().acquire().await?;
+    outcome::finish_in_flight(
+        &mut conn,
+        item_id,
+        &ItemOutcome {
+            state: ItemState::Failed,
+            status_code: None,
+            response: None,
+            error: Some(message),
+            usage: Usage::default(),
+        },
+        &now,
+    )
+    .await
+}
+
+/// What happened to an item after a failed real-time call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    Requeued,
+    Failed,
+}
+
+/// Writes a failed real-time call for one in-flight item: requeued after `delay` when the
+/// failure is retryable and attempts remain, failed otherwise. Rate limiting does not use up
+/// an attempt, because the request itself was never judged.
+pub async fn record_call_failure(
+    store: &Store,
+    item_id: i64,
+    attempts_before: u32,
+    max_attempts: u32,
+    error: &ProviderError,
+    delay: Duration,
+) -> Result<AfterFailure, StoreError> {
+    let now = Utc::now();
+    let message = error.to_string();
+    let mut conn = store.pool().acquire().await?;
+    let exhausted = attempts_before + 1 >= max_attempts;
+    let retry = match error.class() {
+        Failure::RateLimited => true,
+        Failure::Retryable => !exhausted,
+        Failure::Fatal => false,
+    };
+    if retry {
+        let next = timestamp(now + chrono::Duration::from_std(delay).unwrap_or_default());
+        let count = error.class() != Failure::RateLimited;
+        outcome::requeue_in_flight(&mut conn, item_id, count, &next, &message, &timestamp(now)).await?;
+        return Ok(AfterFailure::Requeued);
+    }
+    let message = if error.class() == Failure::Retryable {
+        format!("{message} (gave up after {max_attempts} attempts)")
+    } else {
+        message
+    };
+    outcome::finish_in_flight(
+        &mut conn,
+        item_id,
+        &ItemOutcome {
+            state: ItemState::Failed,
+            status_code: error.status(),
+            response: None,
+            error: Some(&message),
+            usage: Usage::default(),
+        },
+        &timestamp(now),
+    )
+    .await?;
+    Ok(AfterFailure::Failed)
+}
+
+/// Splits a result file into lines, skipping blank ones. Lines that do not parse are counted.
+pub fn parse_result_file(bytes: &[u8]) -> (Vec<ResultLine>, u64) {
+    let mut lines = Vec::new();
+    let mut bad = 0;
+    for raw in bytes.split(|&b| b == b'\n') {
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<ResultLine>(raw) {
+            Ok(line) => lines.push(line),
+            Err(_) => bad += 1,
+        }
+    }
+    (lines, bad)
+}
+
+/// Writes a terminal batch job: every output and error line to its item, every item in
+/// neither file requeued (or failed once its attempts are used up), and the batch marked
+/// harvested, all in one transaction.
+pub async fn harvest(
+    store: &Store,
+    batch_id: i64,
+    job: &BatchJob,
+    output: &[ResultLine],
+    errors: &[ResultLine],
+    max_attempts: u32,
+) -> Result<Harvest, StoreError> {
+    let now = timestamp(Utc::now());
+    let mut counts = Harvest::default();
+    let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
+    counts.first = mark_harvested(
+        &mut tx,
+        batch_id,
+        job.status.as_str(),
+        job.output_file_id.as_deref(),
+        job.error_file_id.as_deref(),
+        job.error.as_deref(),
+        &now,
+    )
+    .await?;
+    if !counts.first {
+        tx.rollback().await?;
+        return Ok(counts);
+    }
+    for line in output.iter().chain(errors) {
+        let Some(item_id) = item_id_of(&line.custom_id) else {
+            counts.ignored += 1;
+            continue;
+        };
+        let written = write_line(&mut tx, batch_id, item_id, line, &now, &mut counts).await?;
+        if !written {
+            counts.ignored += 1;
+        }
+    }
+    let reason = match &job.error {
+        Some(error) => format!("batch job {} ended {} without a result for this item: {error}", job.id, job.status.as_str()),
+        None => format!("batch job {} ended {} without a result for this item", job.id, job.status.as_str()),
+    };
+    let (requeued, failed) = outcome::settle_missing(&mut tx, batch_id, max_attempts, &reason, &now).await?;
+    counts.requeued += requeued;
+    counts.failed += failed;
+    tx.commit().await?;
+    Ok(counts)
+}
+
+async fn write_line(
+    conn: &mut sqlx::SqliteConnection,
+    batch_id: i64,
+    item_id: i64,
+    line: &ResultLine,
+    now: &str,
+    counts: &mut Harvest,
+) -> Result<bool, StoreError> {
+    if let Some(response) = line.response.as_ref().filter(|_| line.error_message().is_none()) {
+        let body = response.body.to_string();
+        let status = response.status_code;
+        if (200..300).contains(&status) {
+            counts.succeeded += 1;
+            return outcome::finish_submitted(
+                conn,
+                batch_id,
+                item_id,
+                &ItemOutcome {
+                    state: ItemState::Succeeded,
+                    status_code: Some(status),
+                    response: Some(&body),
+                    error: None,
+                    usage: Usage::from_body(&response.body),
+                },
+                now,
+            )
+            .await;
+        }
+        let message = format!("provider answered HTTP {status}: {body}");
+        if status == 429 || status == 408 || status >= 500 {
+            counts.requeued += 1;
+            return outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await;
+        }
+        counts.failed += 1;
+        return outcome::finish_submitted(
+            conn,
+            batch_id,
+            item_id,
+            &ItemOutcome {
+                state: ItemState::Failed,
+                status_code: Some(status),
+                response: Some(&body),
+                error: Some(&message),
+                usage: Usage::default(),
+            },
+            now,
+        )
+        .await;
+    }
+    let message = line
+        .error_message()
+        .unwrap_or_else(|| "result line has neither a response nor an error".to_string());
+    let code = line.error.as_ref().and_then(|e| e.get("code")).and_then(|c| c.as_str());
+    if code.is_some_and(|c| RETRYABLE_LINE_CODES.contains(&c)) {
+        counts.requeued += 1;
+        return outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await;
+    }
+    counts.failed += 1;
+    outcome::finish_submitted(
+        conn,
+        batch_id,
+        item_id,
+        &ItemOutcome {
+            state: ItemState::Failed,
+            status_code: None,
+            response: None,
+            error: Some(&message),
+            usage: Usage::default(),
+        },
+        now,
+    )
+    .await
+}
+
+/// Gives up on a batch that could not be created: its items go back to the queue with one
+/// more attempt (or fail once attempts are used up) and the batch is closed with the reason.
+pub async fn abandon_batch(
+    store: &Store,
+    batch_id: i64,
+    reason: &str,
+    max_attempts: u32,
+) -> Result<(u64, u64), StoreError> {
+    let now = timestamp(Utc::now());
+    let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
+    // Items of a batch that never reached the provider are still `packed`; settle them the
+    // same way as items a finished job did not answer.
+    sqlx::query("UPDATE work_items SET state = 'submitted' WHERE batch_id = ?1 AND state = 'packed'")
+        .bind(batch_id)
+        .execute(&mut *tx)
+        .await?;
+    let settled = outcome::settle_missing(&mut tx, batch_id, max_attempts, reason, &now).await?;
+    sqlx::query(
+        "UPDATE batches SET state = 'harvested', error = ?2, finished_at = ?3, provider_status = COALESCE(provider_status, 'NOT_CREATED')
+         WHERE id = ?1",
+    )
+    .bind(batch_id)
+    .bind(reason)
+    .bind(&now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(settled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_ids_round_trip() {
+        assert_eq!(line_id(42), "bd-42");
+        assert_eq!(item_id_of("bd-42"), Some(42));
+        assert_eq!(item_id_of("user-42"), None);
+        assert_eq!(item_id_of("bd-x"), None);
+    }
+
+    #[test]
+    fn result_file_skips_blank_and_counts_bad_lines() {
+        let (lines, bad) = parse_result_file(b"{\"custom_id\":\"bd-1\",\"response\":{\"status_code\":200,\"body\":{}}}\n\nnot json\n");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(bad, 1);
+    }
+}

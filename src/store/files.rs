@@ -1,0 +1,161 @@
+//! Queries on `input_files`: one row per distinct file content, inserted together with the
+//! file's work items in one transaction.
+
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::items::{insert_item, NewItem};
+use super::{timestamp, Store, StoreError};
+
+/// The header of a file being ingested.
+#[derive(Debug, Clone)]
+pub struct NewFile {
+    pub name: String,
+    pub sha256: String,
+    pub urgent: bool,
+}
+
+/// A stored input file.
+#[derive(Debug, Clone)]
+pub struct FileRow {
+    pub id: i64,
+    pub name: String,
+    pub sha256: String,
+    pub items_total: u64,
+    pub report: String,
+    pub disposition: String,
+    pub moved_to: Option<String>,
+}
+
+/// Per-file progress for `batchd status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileProgress {
+    pub name: String,
+    pub items: u64,
+    pub queued: u64,
+    pub in_progress: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub errors: u64,
+    pub ingested_at: String,
+}
+
+/// An open ingest transaction: the file row and its items become visible together on
+/// [`FileIngest::commit`], or not at all.
+pub struct FileIngest {
+    tx: Transaction<'static, Sqlite>,
+    file_id: i64,
+    now: String,
+}
+
+impl FileIngest {
+    pub async fn add(&mut self, item: &NewItem) -> Result<(), StoreError> {
+        insert_item(&mut self.tx, self.file_id, item, &self.now).await
+    }
+
+    /// Records the totals and the report, then commits. Returns the file's id.
+    pub async fn commit(
+        mut self,
+        lines_total: u64,
+        items_total: u64,
+        errors_total: u64,
+        report: &str,
+    ) -> Result<i64, StoreError> {
+        sqlx::query(
+            "UPDATE input_files SET lines_total = ?2, items_total = ?3, errors_total = ?4, report = ?5
+             WHERE id = ?1",
+        )
+        .bind(self.file_id)
+        .bind(lines_total as i64)
+        .bind(items_total as i64)
+        .bind(errors_total as i64)
+        .bind(report)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(self.file_id)
+    }
+}
+
+fn file_row(row: sqlx::sqlite::SqliteRow) -> FileRow {
+    FileRow {
+        id: row.get("id"),
+        name: row.get("name"),
+        sha256: row.get("sha256"),
+        items_total: row.get::<i64, _>("items_total") as u64,
+        report: row.get("report"),
+        disposition: row.get("disposition"),
+        moved_to: row.get("moved_to"),
+    }
+}
+
+impl Store {
+    /// Starts the transaction that stores one input file and its items.
+    pub async fn begin_file(&self, file: &NewFile) -> Result<FileIngest, StoreError> {
+        let now = timestamp(chrono::Utc::now());
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let file_id: i64 = sqlx::query_scalar(
+            "INSERT INTO input_files (name, sha256, urgent, lines_total, items_total, errors_total,
+                                      report, ingested_at)
+             VALUES (?1, ?2, ?3, 0, 0, 0, '{}', ?4) RETURNING id",
+        )
+        .bind(&file.name)
+        .bind(&file.sha256)
+        .bind(file.urgent)
+        .bind(&now)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(FileIngest { tx, file_id, now })
+    }
+
+    pub async fn file_by_hash(&self, sha256: &str) -> Result<Option<FileRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM input_files WHERE sha256 = ?1")
+            .bind(sha256)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(file_row))
+    }
+
+    /// Records where a stored file was moved once it left the inbox.
+    pub async fn mark_file_moved(
+        &self,
+        file_id: i64,
+        disposition: &str,
+        moved_to: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE input_files SET disposition = ?2, moved_to = ?3 WHERE id = ?1")
+            .bind(file_id)
+            .bind(disposition)
+            .bind(moved_to)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Lists every input file with its items counted by state, newest first.
+    pub async fn file_progress(&self) -> Result<Vec<FileProgress>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT f.name, f.items_total, f.errors_total, f.ingested_at,
+                    COALESCE(SUM(w.state = 'queued'), 0) AS queued,
+                    COALESCE(SUM(w.state IN ('packed', 'submitted', 'in_flight')), 0) AS in_progress,
+                    COALESCE(SUM(w.state = 'succeeded'), 0) AS succeeded,
+                    COALESCE(SUM(w.state = 'failed'), 0) AS failed
+             FROM input_files f LEFT JOIN work_items w ON w.file_id = f.id
+             GROUP BY f.id ORDER BY f.id DESC",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| FileProgress {
+                name: row.get("name"),
+                items: row.get::<i64, _>("items_total") as u64,
+                errors: row.get::<i64, _>("errors_total") as u64,
+                queued: row.get::<i64, _>("queued") as u64,
+                in_progress: row.get::<i64, _>("in_progress") as u64,
+                succeeded: row.get::<i64, _>("succeeded") as u64,
+                failed: row.get::<i64, _>("failed") as u64,
+                ingested_at: row.get("ingested_at"),
+            })
+            .collect())
+    }
+}

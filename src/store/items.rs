@@ -1,0 +1,572 @@
+//! Queries on `work_items`: claims for the real-time path, candidates for packing, outcomes.
+//!
+//! Every state change is a single statement guarded by the state it expects, so a change that
+//! was already made (by a restart, a second harvest of the same job) matches no row and is a
+//! no-op.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Row, SqliteConnection};
+
+use super::{timestamp, Store, StoreError};
+
+/// Lifecycle of a work item; mirrors the `CHECK` on `work_items.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ItemState {
+    Queued,
+    Packed,
+    Submitted,
+    InFlight,
+    Succeeded,
+    Failed,
+}
+
+impl ItemState {
+    pub const ALL: [ItemState; 6] = [
+        ItemState::Queued,
+        ItemState::Packed,
+        ItemState::Submitted,
+        ItemState::InFlight,
+        ItemState::Succeeded,
+        ItemState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemState::Queued => "queued",
+            ItemState::Packed => "packed",
+            ItemState::Submitted => "submitted",
+            ItemState::InFlight => "in_flight",
+            ItemState::Succeeded => "succeeded",
+            ItemState::Failed => "failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, ItemState::Succeeded | ItemState::Failed)
+    }
+}
+
+impl fmt::Display for ItemState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ItemState {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ItemState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| StoreError::UnknownValue {
+                kind: "item state",
+                value: s.to_string(),
+            })
+    }
+}
+
+/// One accepted input line, ready to insert.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub line_no: u64,
+    pub custom_id: String,
+    pub endpoint: String,
+    pub model: String,
+    pub body: String,
+    pub urgent: bool,
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// An item claimed for a real-time call.
+#[derive(Debug, Clone)]
+pub struct ClaimedItem {
+    pub id: i64,
+    pub endpoint: String,
+    pub model: String,
+    pub body: String,
+    pub attempts: u32,
+}
+
+/// An item the packer may put into a batch.
+#[derive(Debug, Clone)]
+pub struct PackCandidate {
+    pub id: i64,
+    pub body_bytes: u64,
+}
+
+/// A group of queued batchable items sharing an endpoint and a model.
+#[derive(Debug, Clone)]
+pub struct PackGroup {
+    pub endpoint: String,
+    pub model: String,
+    pub count: u64,
+    pub oldest: DateTime<Utc>,
+}
+
+/// Token usage reported with a response.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+}
+
+impl Usage {
+    /// Reads the OpenAI-style `usage` object of a response body.
+    pub fn from_body(body: &serde_json::Value) -> Usage {
+        let usage = &body["usage"];
+        Usage {
+            prompt_tokens: usage["prompt_tokens"].as_i64(),
+            completion_tokens: usage["completion_tokens"].as_i64(),
+            total_tokens: usage["total_tokens"].as_i64(),
+        }
+    }
+}
+
+/// How an item ended, as written to its row.
+#[derive(Debug, Clone, Copy)]
+pub struct ItemOutcome<'a> {
+    pub state: ItemState,
+    pub status_code: Option<u16>,
+    pub response: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub usage: Usage,
+}
+
+/// The SQL condition for items the real-time path may take: queued, due, and urgent, not
+/// batchable (`?batchable` is a JSON array of endpoints) or due before the batch path could
+/// finish (`?cutoff`).
+const REALTIME_ELIGIBLE: &str = "state = 'queued' AND next_attempt_at <= ?1
+     AND (urgent = 1
+          OR endpoint NOT IN (SELECT value FROM json_each(?2))
+          OR (deadline IS NOT NULL AND deadline < ?3))";
+
+pub(crate) async fn insert_item(
+    conn: &mut SqliteConnection,
+    file_id: i64,
+    item: &NewItem,
+    now: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO work_items
+             (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
+              next_attempt_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)",
+    )
+    .bind(file_id)
+    .bind(item.line_no as i64)
+    .bind(&item.custom_id)
+    .bind(&item.endpoint)
+    .bind(&item.model)
+    .bind(&item.body)
+    .bind(item.urgent)
+    .bind(item.deadline.map(timestamp))
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn claimed(row: sqlx::sqlite::SqliteRow) -> ClaimedItem {
+    ClaimedItem {
+        id: row.get("id"),
+        endpoint: row.get("endpoint"),
+        model: row.get("model"),
+        body: row.get("body"),
+        attempts: row.get::<i64, _>("attempts") as u32,
+    }
+}
+
+impl Store {
+    /// Counts items per state, every state present (zero when none).
+    pub async fn item_counts(&self) -> Result<BTreeMap<ItemState, u64>, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM work_items GROUP BY state")
+            .fetch_all(self.pool())
+            .await?;
+        let mut counts: BTreeMap<ItemState, u64> =
+            ItemState::ALL.into_iter().map(|s| (s, 0)).collect();
+        for row in rows {
+            let state: ItemState = row.get::<String, _>("state").parse()?;
+            counts.insert(state, row.get::<i64, _>("n") as u64);
+        }
+        Ok(counts)
+    }
+
+    /// Claims up to `limit` due items of one non-embedding endpoint for real-time calls.
+    pub async fn claim_realtime(
+        &self,
+        endpoint: &str,
+        batchable: &str,
+        cutoff: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<ClaimedItem>, StoreError> {
+        let now = timestamp(Utc::now());
+        let sql = format!(
+            "UPDATE work_items SET state = 'in_flight', lease_expires_at = ?4, updated_at = ?1
+             WHERE id IN (SELECT id FROM work_items
+                          WHERE {REALTIME_ELIGIBLE} AND endpoint = ?5
+                          ORDER BY urgent DESC, id LIMIT ?6)
+             RETURNING id, endpoint, model, body, attempts"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&now)
+            .bind(batchable)
+            .bind(timestamp(cutoff))
+            .bind(timestamp(lease_until))
+            .bind(endpoint)
+            .bind(limit as i64)
+            .fetch_all(self.pool())
+            .await?;
+        let mut items: Vec<ClaimedItem> = rows.into_iter().map(claimed).collect();
+        items.sort_by_key(|item| item.id);
+        Ok(items)
+    }
+
+    /// Claims embedding items that can share one request: the oldest due item, and when its
+    /// `input` is a single string, up to `max_inputs - 1` more with a string input, the same
+    /// model and the same other parameters.
+    pub async fn claim_embeddings(
+        &self,
+        batchable: &str,
+        cutoff: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        max_inputs: usize,
+    ) -> Result<Vec<ClaimedItem>, StoreError> {
+        let now = timestamp(Utc::now());
+        let mut tx = self.pool().begin().await?;
+        let first_sql = format!(
+            "SELECT id, json_type(body, '$.input') = 'text' AS single,
+                    model, json_remove(body, '$.input') AS params
+             FROM work_items
+             WHERE {REALTIME_ELIGIBLE} AND endpoint = '/v1/embeddings'
+             ORDER BY urgent DESC, id LIMIT 1"
+        );
+        let first = sqlx::query(sqlx::AssertSqlSafe(first_sql))
+            .bind(&now)
+            .bind(batchable)
+            .bind(timestamp(cutoff))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(first) = first else {
+            return Ok(Vec::new());
+        };
+        let first_id: i64 = first.get("id");
+        let single: bool = first.get::<Option<bool>, _>("single").unwrap_or(false);
+        let limit = if single { max_inputs } else { 1 };
+        let sql = format!(
+            "UPDATE work_items SET state = 'in_flight', lease_expires_at = ?4, updated_at = ?1
+             WHERE id IN (SELECT id FROM work_items
+                          WHERE id = ?5
+                             OR ({REALTIME_ELIGIBLE} AND ?8 AND endpoint = '/v1/embeddings'
+                                 AND json_type(body, '$.input') = 'text'
+                                 AND model = ?6 AND json_remove(body, '$.input') = ?7)
+                          ORDER BY id = ?5 DESC, urgent DESC, id LIMIT ?9)
+             RETURNING id, endpoint, model, body, attempts"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&now)
+            .bind(batchable)
+            .bind(timestamp(cutoff))
+            .bind(timestamp(lease_until))
+            .bind(first_id)
+            .bind(first.get::<String, _>("model"))
+            .bind(first.get::<Option<String>, _>("params"))
+            .bind(single)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut items: Vec<ClaimedItem> = rows.into_iter().map(claimed).collect();
+        items.sort_by_key(|item| item.id);
+        Ok(items)
+    }
+
+    /// Returns one claimed but unsent item to the queue.
+    pub async fn release_claim(&self, item_id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items SET state = 'queued', lease_expires_at = NULL, updated_at = ?2
+             WHERE id = ?1 AND state = 'in_flight'",
+        )
+        .bind(item_id)
+        .bind(timestamp(Utc::now()))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Returns every in-flight item to the queue; only safe while no call can be under way.
+    pub async fn release_all_leases(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items SET state = 'queued', lease_expires_at = NULL, updated_at = ?1
+             WHERE state = 'in_flight'",
+        )
+        .bind(timestamp(Utc::now()))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Returns items whose real-time lease ran out (the daemon died mid-call) to the queue.
+    pub async fn release_expired_leases(&self) -> Result<u64, StoreError> {
+        let now = timestamp(Utc::now());
+        let done = sqlx::query(
+            "UPDATE work_items SET state = 'queued', lease_expires_at = NULL, updated_at = ?1
+             WHERE state = 'in_flight' AND lease_expires_at < ?1",
+        )
+        .bind(&now)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Lists groups of due, batchable items by endpoint and model, oldest first.
+    pub async fn pack_groups(
+        &self,
+        batchable: &str,
+        cutoff: DateTime<Utc>,
+    ) -> Result<Vec<PackGroup>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT endpoint, model, COUNT(*) AS n, MIN(updated_at) AS oldest
+             FROM work_items
+             WHERE state = 'queued' AND next_attempt_at <= ?1 AND urgent = 0
+               AND endpoint IN (SELECT value FROM json_each(?2))
+               AND (deadline IS NULL OR deadline >= ?3)
+             GROUP BY endpoint, model ORDER BY oldest",
+        )
+        .bind(timestamp(Utc::now()))
+        .bind(batchable)
+        .bind(timestamp(cutoff))
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| PackGroup {
+                endpoint: row.get("endpoint"),
+                model: row.get("model"),
+                count: row.get::<i64, _>("n") as u64,
+                oldest: super::parse_timestamp(&row.get::<String, _>("oldest"))
+                    .unwrap_or_else(Utc::now),
+            })
+            .collect())
+    }
+
+    /// Lists the oldest due items of one pack group, with the size of their request bodies.
+    pub async fn pack_candidates(
+        &self,
+        group: &PackGroup,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<PackCandidate>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, length(CAST(body AS BLOB)) AS body_bytes FROM work_items
+             WHERE state = 'queued' AND next_attempt_at <= ?1 AND urgent = 0
+               AND endpoint = ?2 AND model = ?3
+               AND (deadline IS NULL OR deadline >= ?4)
+             ORDER BY id LIMIT ?5",
+        )
+        .bind(timestamp(Utc::now()))
+        .bind(&group.endpoint)
+        .bind(&group.model)
+        .bind(timestamp(cutoff))
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| PackCandidate {
+                id: row.get("id"),
+                body_bytes: row.get::<i64, _>("body_bytes") as u64,
+            })
+            .collect())
+    }
+
+    /// Fails one queued item that can never be sent (for example larger than any batch).
+    pub async fn fail_queued(&self, item_id: i64, error: &str) -> Result<bool, StoreError> {
+        let now = timestamp(Utc::now());
+        let done = sqlx::query(
+            "UPDATE work_items SET state = 'failed', error = ?2, finished_at = ?3, updated_at = ?3
+             WHERE id = ?1 AND state = 'queued'",
+        )
+        .bind(item_id)
+        .bind(error)
+        .bind(&now)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Lists the user-visible request of every item in a batch, in item order.
+    pub async fn batch_requests(&self, batch_id: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, body FROM work_items WHERE batch_id = ?1 ORDER BY id")
+            .bind(batch_id)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.get("id"), r.get("body"))).collect())
+    }
+
+    /// Returns the earliest time a queued item becomes due, if any item is waiting.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM work_items WHERE state = 'queued'",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(next.as_deref().and_then(super::parse_timestamp))
+    }
+}
+
+/// Outcome writes, used inside the transactions of the `results` stage.
+pub(crate) mod outcome {
+    use super::*;
+
+    /// Marks a real-time item finished. Matches only while the item is still in flight.
+    pub async fn finish_in_flight(
+        conn: &mut SqliteConnection,
+        item_id: i64,
+        outcome: &ItemOutcome<'_>,
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items
+             SET state = ?2, status_code = ?3, response = ?4, error = ?5,
+                 prompt_tokens = ?6, completion_tokens = ?7, total_tokens = ?8,
+                 attempts = attempts + 1, lease_expires_at = NULL,
+                 finished_at = ?9, updated_at = ?9
+             WHERE id = ?1 AND state = 'in_flight'",
+        )
+        .bind(item_id)
+        .bind(outcome.state.as_str())
+        .bind(outcome.status_code.map(i64::from))
+        .bind(outcome.response)
+        .bind(outcome.error)
+        .bind(outcome.usage.prompt_tokens)
+        .bind(outcome.usage.completion_tokens)
+        .bind(outcome.usage.total_tokens)
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Returns an in-flight item to the queue, due at `next_attempt_at`.
+    pub async fn requeue_in_flight(
+        conn: &mut SqliteConnection,
+        item_id: i64,
+        count_attempt: bool,
+        next_attempt_at: &str,
+        last_error: &str,
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items
+             SET state = 'queued', attempts = attempts + ?2, next_attempt_at = ?3,
+                 last_error = ?4, lease_expires_at = NULL, updated_at = ?5
+             WHERE id = ?1 AND state = 'in_flight'",
+        )
+        .bind(item_id)
+        .bind(i64::from(count_attempt))
+        .bind(next_attempt_at)
+        .bind(last_error)
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks a submitted item of `batch_id` finished. Matches nothing once already written.
+    pub async fn finish_submitted(
+        conn: &mut SqliteConnection,
+        batch_id: i64,
+        item_id: i64,
+        outcome: &ItemOutcome<'_>,
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items
+             SET state = ?3, status_code = ?4, response = ?5, error = ?6,
+                 prompt_tokens = ?7, completion_tokens = ?8, total_tokens = ?9,
+                 attempts = attempts + 1, finished_at = ?10, updated_at = ?10
+             WHERE id = ?2 AND batch_id = ?1 AND state = 'submitted'",
+        )
+        .bind(batch_id)
+        .bind(item_id)
+        .bind(outcome.state.as_str())
+        .bind(outcome.status_code.map(i64::from))
+        .bind(outcome.response)
+        .bind(outcome.error)
+        .bind(outcome.usage.prompt_tokens)
+        .bind(outcome.usage.completion_tokens)
+        .bind(outcome.usage.total_tokens)
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Requeues one submitted item of `batch_id` after a retryable per-line error.
+    pub async fn requeue_submitted(
+        conn: &mut SqliteConnection,
+        batch_id: i64,
+        item_id: i64,
+        last_error: &str,
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items
+             SET state = 'queued', batch_id = NULL, attempts = attempts + 1,
+                 next_attempt_at = ?4, last_error = ?3, updated_at = ?4
+             WHERE id = ?2 AND batch_id = ?1 AND state = 'submitted'",
+        )
+        .bind(batch_id)
+        .bind(item_id)
+        .bind(last_error)
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Handles the items of a harvested batch that had no line in either result file: they
+    /// are requeued with one more attempt, or failed once `max_attempts` is used up.
+    /// Returns (requeued, failed).
+    pub async fn settle_missing(
+        conn: &mut SqliteConnection,
+        batch_id: i64,
+        max_attempts: u32,
+        reason: &str,
+        now: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let failed = sqlx::query(
+            "UPDATE work_items
+             SET state = 'failed', attempts = attempts + 1, error = ?3,
+                 finished_at = ?4, updated_at = ?4
+             WHERE batch_id = ?1 AND state = 'submitted' AND attempts + 1 >= ?2",
+        )
+        .bind(batch_id)
+        .bind(i64::from(max_attempts))
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        let requeued = sqlx::query(
+            "UPDATE work_items
+             SET state = 'queued', batch_id = NULL, attempts = attempts + 1,
+                 last_error = ?2, next_attempt_at = ?3, updated_at = ?3
+             WHERE batch_id = ?1 AND state = 'submitted'",
+        )
+        .bind(batch_id)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        Ok((requeued, failed))
+    }
+}

@@ -1,0 +1,86 @@
+//! SQLite storage: the pool (WAL, busy timeout, foreign keys), migrations from `migrations/`,
+//! and typed queries per table.
+//!
+//! Timestamps are stored as RFC 3339 text in UTC with millisecond precision
+//! (`2026-01-02T03:04:05.678Z`), so they sort as text and compare correctly in SQL.
+
+mod batches;
+mod files;
+pub mod items;
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+
+pub(crate) use batches::mark_harvested;
+pub use batches::{BatchRow, BatchState, NewBatch};
+pub use files::{FileIngest, FileProgress, FileRow, NewFile};
+pub use items::{ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to open database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("failed to apply database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("database holds an unknown {kind} {value:?}: was it written by a newer batchd?")]
+    UnknownValue { kind: &'static str, value: String },
+}
+
+/// The database handle shared by every stage.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Formats a time the way every timestamp column stores it.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses a stored timestamp back.
+pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // A missing parent directory is the usual first-run mistake, so create it.
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
