@@ -290,7 +290,8 @@ impl Checker {
         match value {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => {
-                self.problems.push(format!("`{key}` is missing: set it to a directory path"));
+                self.problems
+                    .push(format!("`{key}` is missing: set it to a directory path"));
                 PathBuf::new()
             }
         }
@@ -313,8 +314,16 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
     let provider = ProviderConfig {
         base_url: base_url.trim_end_matches('/').to_string(),
         api_key,
-        request_timeout: c.secs("provider.request_timeout_secs", raw.provider.request_timeout_secs, 120.0),
-        connect_timeout: c.secs("provider.connect_timeout_secs", raw.provider.connect_timeout_secs, 10.0),
+        request_timeout: c.secs(
+            "provider.request_timeout_secs",
+            raw.provider.request_timeout_secs,
+            120.0,
+        ),
+        connect_timeout: c.secs(
+            "provider.connect_timeout_secs",
+            raw.provider.connect_timeout_secs,
+            10.0,
+        ),
     };
 
     let inbox = c.required_path("paths.inbox", raw.paths.inbox);
@@ -341,8 +350,17 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
 
     let ingest = IngestConfig {
         settle: c.secs("ingest.settle_secs", raw.ingest.settle_secs, 2.0),
-        rescan_interval: c.secs("ingest.rescan_interval_secs", raw.ingest.rescan_interval_secs, 30.0),
-        max_line_bytes: c.count("ingest.max_line_bytes", raw.ingest.max_line_bytes, 8 << 20, 1 << 30) as usize,
+        rescan_interval: c.secs(
+            "ingest.rescan_interval_secs",
+            raw.ingest.rescan_interval_secs,
+            30.0,
+        ),
+        max_line_bytes: c.count(
+            "ingest.max_line_bytes",
+            raw.ingest.max_line_bytes,
+            8 << 20,
+            1 << 30,
+        ) as usize,
     };
 
     let b = raw.batch;
@@ -358,24 +376,63 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
         }
     }
     let batch = BatchConfig {
-        max_requests: c.count("batch.max_requests", b.max_requests, 100, PROVIDER_MAX_BATCH_LINES as i64) as usize,
+        max_requests: c.count(
+            "batch.max_requests",
+            b.max_requests,
+            100,
+            PROVIDER_MAX_BATCH_LINES as i64,
+        ) as usize,
         max_in_flight: c.count("batch.max_in_flight", b.max_in_flight, 10, 10_000) as usize,
-        max_bytes: c.count("batch.max_bytes", b.max_bytes, PROVIDER_MAX_BATCH_BYTES as i64, PROVIDER_MAX_BATCH_BYTES as i64) as u64,
+        max_bytes: c.count(
+            "batch.max_bytes",
+            b.max_bytes,
+            PROVIDER_MAX_BATCH_BYTES as i64,
+            PROVIDER_MAX_BATCH_BYTES as i64,
+        ) as u64,
         max_linger: c.secs("batch.max_linger_secs", b.max_linger_secs, 300.0),
         poll_interval: c.secs("batch.poll_interval_secs", b.poll_interval_secs, 30.0),
         batchable_endpoints,
         max_attempts: c.count("batch.max_attempts", b.max_attempts, 5, 1000) as u32,
-        deadline_margin: c.secs("batch.deadline_margin_secs", b.deadline_margin_secs, 86_400.0),
+        deadline_margin: c.secs(
+            "batch.deadline_margin_secs",
+            b.deadline_margin_secs,
+            86_400.0,
+        ),
     };
 
     let r = raw.realtime;
     let realtime = RealtimeConfig {
-        chat_per_minute: c.count("realtime.chat_per_minute", r.chat_per_minute, 500, 1_000_000) as u32,
-        completions_per_minute: c.count("realtime.completions_per_minute", r.completions_per_minute, 500, 1_000_000) as u32,
-        embeddings_per_minute: c.count("realtime.embeddings_per_minute", r.embeddings_per_minute, 250, 1_000_000) as u32,
-        images_per_minute: c.count("realtime.images_per_minute", r.images_per_minute, 50, 1_000_000) as u32,
+        chat_per_minute: c.count(
+            "realtime.chat_per_minute",
+            r.chat_per_minute,
+            500,
+            1_000_000,
+        ) as u32,
+        completions_per_minute: c.count(
+            "realtime.completions_per_minute",
+            r.completions_per_minute,
+            500,
+            1_000_000,
+        ) as u32,
+        embeddings_per_minute: c.count(
+            "realtime.embeddings_per_minute",
+            r.embeddings_per_minute,
+            250,
+            1_000_000,
+        ) as u32,
+        images_per_minute: c.count(
+            "realtime.images_per_minute",
+            r.images_per_minute,
+            50,
+            1_000_000,
+        ) as u32,
         max_concurrency: c.count("realtime.max_concurrency", r.max_concurrency, 16, 1024) as usize,
-        embedding_inputs_per_request: c.count("realtime.embedding_inputs_per_request", r.embedding_inputs_per_request, 20, 2048) as usize,
+        embedding_inputs_per_request: c.count(
+            "realtime.embedding_inputs_per_request",
+            r.embedding_inputs_per_request,
+            20,
+            2048,
+        ) as usize,
         max_attempts: c.count("realtime.max_attempts", r.max_attempts, 8, 1000) as u32,
         lease: c.secs("realtime.lease_secs", r.lease_secs, 600.0),
         backoff_initial: c.secs("realtime.backoff_initial_secs", r.backoff_initial_secs, 1.0),
@@ -397,7 +454,11 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
         ));
     }
     let daemon = DaemonConfig {
-        shutdown_grace: c.secs("daemon.shutdown_grace_secs", raw.daemon.shutdown_grace_secs, 20.0),
+        shutdown_grace: c.secs(
+            "daemon.shutdown_grace_secs",
+            raw.daemon.shutdown_grace_secs,
+            20.0,
+        ),
         log_level,
     };
 
@@ -437,8 +498,14 @@ mod tests {
         assert_eq!(config.realtime.embeddings_per_minute, 250);
         assert_eq!(config.realtime.images_per_minute, 50);
         assert_eq!(config.realtime.embedding_inputs_per_request, 20);
-        assert_eq!(config.paths.processed, PathBuf::from("/srv/batchd/processed"));
-        assert_eq!(config.batch.batchable_endpoints, vec!["/v1/chat/completions"]);
+        assert_eq!(
+            config.paths.processed,
+            PathBuf::from("/srv/batchd/processed")
+        );
+        assert_eq!(
+            config.batch.batchable_endpoints,
+            vec!["/v1/chat/completions"]
+        );
     }
 
     #[test]
@@ -452,8 +519,15 @@ mod tests {
             [realtime]
             chat_per_minute = 0
         "#;
-        let err = Config::from_toml(text, ApiKey::default()).unwrap_err().to_string();
-        for key in ["paths.database", "batch.max_requests", "batch.poll_interval_secs", "realtime.chat_per_minute"] {
+        let err = Config::from_toml(text, ApiKey::default())
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "paths.database",
+            "batch.max_requests",
+            "batch.poll_interval_secs",
+            "realtime.chat_per_minute",
+        ] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
     }
@@ -461,7 +535,9 @@ mod tests {
     #[test]
     fn unknown_key_is_a_parse_error() {
         let text = format!("{MINIMAL}\n[batch]\nmax_request = 5\n");
-        let err = Config::from_toml(&text, ApiKey::default()).unwrap_err().to_string();
+        let err = Config::from_toml(&text, ApiKey::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_request"), "{err}");
     }
 

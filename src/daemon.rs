@@ -30,10 +30,18 @@ pub enum DaemonError {
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error("failed to lock {path}: {source}")]
-    Lock { path: PathBuf, source: std::io::Error },
-    #[error("another batchd is already running on {path}: stop it first, or give this one its own `paths.database`")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another batchd is already running on {path}: stop it first, or give this one its own `paths.database`"
+    )]
     AlreadyRunning { path: PathBuf },
-    #[error("no API key: set {} (any value works for `batchd simulate`)", crate::config::API_KEY_ENV)]
+    #[error(
+        "no API key: set {} (any value works for `batchd simulate`)",
+        crate::config::API_KEY_ENV
+    )]
     NoApiKey,
 }
 
@@ -41,14 +49,20 @@ pub enum DaemonError {
 fn lock_database(config: &Config) -> Result<File, DaemonError> {
     let path = PathBuf::from(format!("{}.lock", config.paths.database.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Lock { path: path.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Lock {
+            path: path.clone(),
+            source,
+        })?;
     }
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| DaemonError::Lock { path: path.clone(), source })?;
+        .map_err(|source| DaemonError::Lock {
+            path: path.clone(),
+            source,
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::AlreadyRunning {
@@ -86,7 +100,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     // a previous run and goes back to the queue now rather than when its lease expires.
     let orphans = store.release_all_leases().await?;
     if orphans > 0 {
-        tracing::warn!(items = orphans, "returned real-time items interrupted by the last stop to the queue");
+        tracing::warn!(
+            items = orphans,
+            "returned real-time items interrupted by the last stop to the queue"
+        );
     }
 
     let work = Signal::new();
@@ -96,23 +113,63 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     let stages = TaskTracker::new();
     let calls = TaskTracker::new();
 
-    let intake = Intake::new(store.clone(), config.paths.clone(), config.ingest.clone(), work.clone());
+    let intake = Intake::new(
+        store.clone(),
+        config.paths.clone(),
+        config.ingest.clone(),
+        work.clone(),
+    );
     let (watcher, events) = intake.watch()?;
     spawn_stage(&stages, "ingest", intake.run(events, cancel.clone()));
 
     let packer = Packer::new(store.clone(), config.batch.clone(), packed.clone());
-    spawn_stage(&stages, "pack", packer.run(work.listen(), flush.listen(), cancel.clone()));
+    spawn_stage(
+        &stages,
+        "pack",
+        packer.run(work.listen(), flush.listen(), cancel.clone()),
+    );
 
-    let submitter = Submitter::new(store.clone(), provider.clone(), config.batch.clone(), policy, submitted.clone(), work.clone());
-    spawn_stage(&stages, "submit", submitter.run(packed.listen(), cancel.clone()));
+    let submitter = Submitter::new(
+        store.clone(),
+        provider.clone(),
+        config.batch.clone(),
+        policy,
+        submitted.clone(),
+        work.clone(),
+    );
+    spawn_stage(
+        &stages,
+        "submit",
+        submitter.run(packed.listen(), cancel.clone()),
+    );
 
-    let poller = Poller::new(store.clone(), provider.clone(), config.batch.clone(), work.clone());
-    spawn_stage(&stages, "poll", poller.run(submitted.listen(), cancel.clone()));
+    let poller = Poller::new(
+        store.clone(),
+        provider.clone(),
+        config.batch.clone(),
+        work.clone(),
+    );
+    spawn_stage(
+        &stages,
+        "poll",
+        poller.run(submitted.listen(), cancel.clone()),
+    );
 
-    let realtime = Realtime::new(store.clone(), provider, config.realtime.clone(), &config.batch, work.clone(), calls.clone());
+    let realtime = Realtime::new(
+        store.clone(),
+        provider,
+        config.realtime.clone(),
+        &config.batch,
+        work.clone(),
+        calls.clone(),
+    );
     spawn_stage(&stages, "realtime", realtime.run(cancel.clone()));
 
-    spawn_stage(&stages, "status", report_status(store.clone(), cancel.clone()));
+    spawn_stage(
+        &stages,
+        "status",
+        report_status(store.clone(), cancel.clone()),
+    );
     stages.close();
 
     notify(&[sd_notify::NotifyState::Ready]);
@@ -125,7 +182,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
 
     cancel.cancelled().await;
     notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!(grace_secs = config.daemon.shutdown_grace.as_secs_f64(), "stopping: intake and submissions halted, waiting for calls in flight");
+    tracing::info!(
+        grace_secs = config.daemon.shutdown_grace.as_secs_f64(),
+        "stopping: intake and submissions halted, waiting for calls in flight"
+    );
     drop(watcher);
     calls.close();
     let drained = tokio::time::timeout(config.daemon.shutdown_grace, async {
@@ -162,7 +222,10 @@ where
 /// Publishes queue depth and jobs in flight to systemd's STATUS every few seconds.
 async fn report_status(store: Store, cancel: CancellationToken) {
     loop {
-        if let (Ok(items), Ok(batches)) = (store.item_counts().await, store.count_unfinished_batches().await) {
+        if let (Ok(items), Ok(batches)) = (
+            store.item_counts().await,
+            store.count_unfinished_batches().await,
+        ) {
             let waiting = items[&ItemState::Queued] + items[&ItemState::Packed];
             let status = format!(
                 "queued {waiting}, batch jobs in flight {batches}, real-time calls in flight {}, succeeded {}, failed {}",
@@ -181,8 +244,11 @@ async fn report_status(store: Store, cancel: CancellationToken) {
 
 /// Cancels `cancel` on SIGTERM or SIGINT: the one place the daemon handles signals.
 pub async fn cancel_on_signals(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("failed to install signal handlers; stop batchd with SIGKILL");
         return;
     };

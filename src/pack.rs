@@ -56,7 +56,8 @@ pub fn fit_batch(candidates: &[PackCandidate], max_bytes: u64) -> (Vec<i64>, u64
 
 impl Packer {
     pub fn new(store: Store, config: BatchConfig, packed: Signal) -> Self {
-        let batchable = serde_json::to_string(&config.batchable_endpoints).expect("strings serialize");
+        let batchable =
+            serde_json::to_string(&config.batchable_endpoints).expect("strings serialize");
         Packer {
             store,
             config,
@@ -69,7 +70,8 @@ impl Packer {
     /// batches are packed whatever their age.
     pub async fn pack_once(&self, flush: bool) -> Result<PackPass, StoreError> {
         let mut pass = PackPass::default();
-        let cutoff = Utc::now() + chrono::Duration::from_std(self.config.deadline_margin).unwrap_or_default();
+        let cutoff = Utc::now()
+            + chrono::Duration::from_std(self.config.deadline_margin).unwrap_or_default();
         loop {
             let in_flight = self.store.count_unfinished_batches().await? as usize;
             if in_flight >= self.config.max_in_flight {
@@ -78,9 +80,9 @@ impl Packer {
             let groups = self.store.pack_groups(&self.batchable, cutoff).await?;
             let now = Utc::now();
             let linger = chrono::Duration::from_std(self.config.max_linger).unwrap_or_default();
-            let due = groups
-                .iter()
-                .find(|g| flush || g.count as usize >= self.config.max_requests || g.oldest + linger <= now);
+            let due = groups.iter().find(|g| {
+                flush || g.count as usize >= self.config.max_requests || g.oldest + linger <= now
+            });
             pass.next_flush = groups
                 .iter()
                 .map(|g| (g.oldest + linger - now).to_std().unwrap_or_default())
@@ -88,7 +90,10 @@ impl Packer {
             let Some(group) = due else {
                 return Ok(pass);
             };
-            let candidates = self.store.pack_candidates(group, cutoff, self.config.max_requests).await?;
+            let candidates = self
+                .store
+                .pack_candidates(group, cutoff, self.config.max_requests)
+                .await?;
             if candidates.is_empty() {
                 return Ok(pass);
             }
@@ -99,7 +104,11 @@ impl Packer {
                     self.config.max_bytes
                 );
                 self.store.fail_queued(id, &reason).await?;
-                tracing::warn!(item = id, bytes = len, "request too large for any batch; item failed");
+                tracing::warn!(
+                    item = id,
+                    bytes = len,
+                    "request too large for any batch; item failed"
+                );
             }
             if ids.is_empty() {
                 continue;
@@ -153,7 +162,9 @@ mod tests {
 
     #[test]
     fn batch_stops_at_byte_cap() {
-        let candidates: Vec<_> = (1..=7).map(|id| candidate(id, 150 - line_len(id, 0))).collect();
+        let candidates: Vec<_> = (1..=7)
+            .map(|id| candidate(id, 150 - line_len(id, 0)))
+            .collect();
         let (ids, bytes, oversized) = fit_batch(&candidates, 600);
         assert_eq!(ids, vec![1, 2, 3, 4]);
         assert_eq!(bytes, 600);

@@ -58,7 +58,9 @@ impl Poller {
                 Err(PollError::Provider(error)) => {
                     tracing::warn!(batch = batch.id, job = ?batch.provider_batch_id, %error, "polling a batch job failed; retrying at the next poll");
                     let status = batch.provider_status.clone().unwrap_or_default();
-                    self.store.record_poll(batch.id, &status, batch.progress, self.next_poll()).await?;
+                    self.store
+                        .record_poll(batch.id, &status, batch.progress, self.next_poll())
+                        .await?;
                 }
             }
         }
@@ -82,7 +84,12 @@ impl Poller {
                 tracing::warn!(job = %job_id, %status, "unknown batch status; treating the job as still running");
             }
             self.store
-                .record_poll(batch.id, job.status.as_str(), job.progress, self.next_poll())
+                .record_poll(
+                    batch.id,
+                    job.status.as_str(),
+                    job.progress,
+                    self.next_poll(),
+                )
                 .await?;
             return Ok(false);
         }
@@ -112,7 +119,15 @@ impl Poller {
         output: &[ResultLine],
         errors: &[ResultLine],
     ) -> Result<(), PollError> {
-        let counts = results::harvest(&self.store, batch.id, job, output, errors, self.config.max_attempts).await?;
+        let counts = results::harvest(
+            &self.store,
+            batch.id,
+            job,
+            output,
+            errors,
+            self.config.max_attempts,
+        )
+        .await?;
         if counts.first {
             tracing::info!(
                 batch = batch.id,
@@ -134,7 +149,11 @@ impl Poller {
             if let Err(error) = self.poll_once().await {
                 tracing::warn!(%error, "polling batch jobs failed; retrying");
             }
-            let wait = self.config.poll_interval.min(Duration::from_secs(5)).max(Duration::from_millis(50));
+            let wait = self
+                .config
+                .poll_interval
+                .min(Duration::from_secs(5))
+                .max(Duration::from_millis(50));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = submitted.wait() => {}

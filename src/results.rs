@@ -9,7 +9,7 @@ use chrono::Utc;
 use crate::provider::{Answer, BatchJob, Failure, ProviderError, ResultLine};
 use crate::store::items::outcome;
 use crate::store::items::{ItemOutcome, Usage};
-use crate::store::{mark_harvested, timestamp, ItemState, Store, StoreError};
+use crate::store::{ItemState, Store, StoreError, mark_harvested, timestamp};
 
 /// Prefix of the `custom_id` batchd gives each line it uploads.
 pub const LINE_ID_PREFIX: &str = "bd-";
@@ -46,7 +46,11 @@ pub struct Harvest {
 }
 
 /// Writes a real-time answer for one in-flight item.
-pub async fn record_answer(store: &Store, item_id: i64, answer: &Answer) -> Result<bool, StoreError> {
+pub async fn record_answer(
+    store: &Store,
+    item_id: i64,
+    answer: &Answer,
+) -> Result<bool, StoreError> {
     let now = timestamp(Utc::now());
     let body = answer.body.to_string();
     let mut conn = store.pool().acquire().await?;
@@ -66,7 +70,11 @@ pub async fn record_answer(store: &Store, item_id: i64, answer: &Answer) -> Resu
 }
 
 /// Fails an in-flight item for a reason found before any call was made.
-pub async fn record_local_failure(store: &Store, item_id: i64, message: &str) -> Result<bool, StoreError> {
+pub async fn record_local_failure(
+    store: &Store,
+    item_id: i64,
+    message: &str,
+) -> Result<bool, StoreError> {
     let now = timestamp(Utc::now());
     let mut conn = store.pool().acquire().await?;
     outcome::finish_in_flight(
@@ -114,7 +122,8 @@ pub async fn record_call_failure(
     if retry {
         let next = timestamp(now + chrono::Duration::from_std(delay).unwrap_or_default());
         let count = error.class() != Failure::RateLimited;
-        outcome::requeue_in_flight(&mut conn, item_id, count, &next, &message, &timestamp(now)).await?;
+        outcome::requeue_in_flight(&mut conn, item_id, count, &next, &message, &timestamp(now))
+            .await?;
         return Ok(AfterFailure::Requeued);
     }
     let message = if error.class() == Failure::Retryable {
@@ -193,10 +202,19 @@ pub async fn harvest(
         }
     }
     let reason = match &job.error {
-        Some(error) => format!("batch job {} ended {} without a result for this item: {error}", job.id, job.status.as_str()),
-        None => format!("batch job {} ended {} without a result for this item", job.id, job.status.as_str()),
+        Some(error) => format!(
+            "batch job {} ended {} without a result for this item: {error}",
+            job.id,
+            job.status.as_str()
+        ),
+        None => format!(
+            "batch job {} ended {} without a result for this item",
+            job.id,
+            job.status.as_str()
+        ),
     };
-    let (requeued, failed) = outcome::settle_missing(&mut tx, batch_id, max_attempts, &reason, &now).await?;
+    let (requeued, failed) =
+        outcome::settle_missing(&mut tx, batch_id, max_attempts, &reason, &now).await?;
     counts.requeued += requeued;
     counts.failed += failed;
     tx.commit().await?;
@@ -211,7 +229,11 @@ async fn write_line(
     now: &str,
     counts: &mut Harvest,
 ) -> Result<bool, StoreError> {
-    if let Some(response) = line.response.as_ref().filter(|_| line.error_message().is_none()) {
+    if let Some(response) = line
+        .response
+        .as_ref()
+        .filter(|_| line.error_message().is_none())
+    {
         let body = response.body.to_string();
         let status = response.status_code;
         if (200..300).contains(&status) {
@@ -255,7 +277,11 @@ async fn write_line(
     let message = line
         .error_message()
         .unwrap_or_else(|| "result line has neither a response nor an error".to_string());
-    let code = line.error.as_ref().and_then(|e| e.get("code")).and_then(|c| c.as_str());
+    let code = line
+        .error
+        .as_ref()
+        .and_then(|e| e.get("code"))
+        .and_then(|c| c.as_str());
     if code.is_some_and(|c| RETRYABLE_LINE_CODES.contains(&c)) {
         counts.requeued += 1;
         return outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await;
@@ -289,10 +315,12 @@ pub async fn abandon_batch(
     let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
     // Items of a batch that never reached the provider are still `packed`; settle them the
     // same way as items a finished job did not answer.
-    sqlx::query("UPDATE work_items SET state = 'submitted' WHERE batch_id = ?1 AND state = 'packed'")
-        .bind(batch_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE work_items SET state = 'submitted' WHERE batch_id = ?1 AND state = 'packed'",
+    )
+    .bind(batch_id)
+    .execute(&mut *tx)
+    .await?;
     let settled = outcome::settle_missing(&mut tx, batch_id, max_attempts, reason, &now).await?;
     sqlx::query(
         "UPDATE batches SET state = 'harvested', error = ?2, finished_at = ?3, provider_status = COALESCE(provider_status, 'NOT_CREATED')

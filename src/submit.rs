@@ -30,7 +30,10 @@ pub enum SubmitError {
 
 /// Returns one line of an uploaded batch file (with its newline).
 pub fn batch_line(item_id: i64, body: &str) -> String {
-    format!("{{\"custom_id\":\"{}\",\"body\":{body}}}\n", line_id(item_id))
+    format!(
+        "{{\"custom_id\":\"{}\",\"body\":{body}}}\n",
+        line_id(item_id)
+    )
 }
 
 /// Returns the length of [`batch_line`] without building it.
@@ -104,7 +107,8 @@ impl Submitter {
         if error.class() == Failure::Fatal {
             let reason = format!("batch could not be submitted: {error}");
             let (requeued, failed) =
-                results::abandon_batch(&self.store, batch.id, &reason, self.config.max_attempts).await?;
+                results::abandon_batch(&self.store, batch.id, &reason, self.config.max_attempts)
+                    .await?;
             tracing::error!(batch = batch.id, %error, requeued, failed, "batch rejected by the provider");
             self.backoff.remove(&batch.id);
             self.work.raise();
@@ -113,7 +117,8 @@ impl Submitter {
         let failures = self.backoff.get(&batch.id).map_or(0, |(_, n)| *n);
         let delay = self.policy.delay(error.server_wait(), failures);
         tracing::warn!(batch = batch.id, %error, retry_in_ms = delay.as_millis() as u64, "batch submission failed; retrying");
-        self.backoff.insert(batch.id, (Instant::now() + delay, failures + 1));
+        self.backoff
+            .insert(batch.id, (Instant::now() + delay, failures + 1));
         Ok(())
     }
 
@@ -124,7 +129,9 @@ impl Submitter {
         loop {
             match state {
                 BatchState::Packed => {
-                    self.store.set_batch_state(batch.id, BatchState::Packed, BatchState::Uploading).await?;
+                    self.store
+                        .set_batch_state(batch.id, BatchState::Packed, BatchState::Uploading)
+                        .await?;
                     input_file_id = Some(self.upload(batch).await?);
                     state = BatchState::Uploaded;
                 }
@@ -141,7 +148,9 @@ impl Submitter {
                     state = BatchState::Uploaded;
                 }
                 BatchState::Uploaded => {
-                    self.store.set_batch_state(batch.id, BatchState::Uploaded, BatchState::Creating).await?;
+                    self.store
+                        .set_batch_state(batch.id, BatchState::Uploaded, BatchState::Creating)
+                        .await?;
                     let file_id = input_file_id.clone().unwrap_or_default();
                     self.create(batch, &file_id).await?;
                     return Ok(true);
@@ -202,9 +211,17 @@ impl Submitter {
         self.record_job(batch, &job.id, job.status.as_str()).await
     }
 
-    async fn record_job(&self, batch: &BatchRow, job_id: &str, status: &str) -> Result<(), SubmitError> {
-        let next_poll = Utc::now() + chrono::Duration::from_std(self.config.poll_interval).unwrap_or_default();
-        self.store.record_created(batch.id, job_id, status, next_poll).await?;
+    async fn record_job(
+        &self,
+        batch: &BatchRow,
+        job_id: &str,
+        status: &str,
+    ) -> Result<(), SubmitError> {
+        let next_poll =
+            Utc::now() + chrono::Duration::from_std(self.config.poll_interval).unwrap_or_default();
+        self.store
+            .record_created(batch.id, job_id, status, next_poll)
+            .await?;
         tracing::info!(batch = batch.id, job = %job_id, items = batch.item_count, model = %batch.model, "batch job submitted");
         self.submitted.raise();
         Ok(())
@@ -238,7 +255,10 @@ mod tests {
     #[test]
     fn line_len_matches_batch_line() {
         for (id, body) in [(1, "{}"), (12345, r#"{"model":"m","messages":[]}"#)] {
-            assert_eq!(line_len(id, body.len() as u64), batch_line(id, body).len() as u64);
+            assert_eq!(
+                line_len(id, body.len() as u64),
+                batch_line(id, body).len() as u64
+            );
         }
     }
 }

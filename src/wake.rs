@@ -22,7 +22,8 @@ impl Signal {
 
     /// Wakes every listener.
     pub fn raise(&self) {
-        self.0.send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.0
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
     pub fn listen(&self) -> Listener {
@@ -58,7 +59,11 @@ mod tests {
         let mut first = signal.listen();
         let mut second = signal.listen();
         signal.raise();
-        tokio::time::timeout(std::time::Duration::from_secs(5), first.wait()).await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), second.wait()).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), first.wait())
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), second.wait())
+            .await
+            .unwrap();
     }
 }

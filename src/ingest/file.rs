@@ -9,9 +9,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, BufReader};
 
+use super::IngestError;
 use super::lines::LineReader;
 use super::parse::parse_line;
-use super::IngestError;
 use crate::config::PathsConfig;
 use crate::store::{NewFile, NewItem, Store};
 
@@ -53,11 +53,16 @@ pub struct Ingested {
 
 /// Returns the hex SHA-256 of a file's content, read in chunks.
 async fn hash_file(path: &Path) -> Result<String, IngestError> {
-    let mut file = tokio::fs::File::open(path).await.map_err(|e| IngestError::io("open", path, e))?;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| IngestError::io("open", path, e))?;
     let mut hasher = Sha256::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let n = file.read(&mut chunk).await.map_err(|e| IngestError::io("read", path, e))?;
+        let n = file
+            .read(&mut chunk)
+            .await
+            .map_err(|e| IngestError::io("read", path, e))?;
         if n == 0 {
             break;
         }
@@ -112,7 +117,9 @@ pub async fn ingest_file(
             urgent,
         })
         .await?;
-    let file = tokio::fs::File::open(path).await.map_err(|e| IngestError::io("open", path, e))?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| IngestError::io("open", path, e))?;
     let mut lines = LineReader::new(BufReader::with_capacity(64 * 1024, file), max_line_bytes);
     let mut report = Report {
         file: name,
@@ -126,13 +133,19 @@ pub async fn ingest_file(
         duplicate_of: None,
     };
     let mut seen_ids: HashMap<String, u64> = HashMap::new();
-    while let Some(line) = lines.next_line().await.map_err(|e| IngestError::io("read", path, e))? {
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(|e| IngestError::io("read", path, e))?
+    {
         if line.bytes.iter().all(u8::is_ascii_whitespace) && !line.too_long {
             continue;
         }
         report.lines += 1;
         let checked = if line.too_long {
-            Err(format!("line is longer than the maximum of {max_line_bytes} bytes (`ingest.max_line_bytes`)"))
+            Err(format!(
+                "line is longer than the maximum of {max_line_bytes} bytes (`ingest.max_line_bytes`)"
+            ))
         } else {
             parse_line(line.bytes).and_then(|parsed| match seen_ids.get(&parsed.custom_id) {
                 Some(first) => Err(format!(
@@ -176,7 +189,9 @@ pub async fn ingest_file(
     }
     if lines.sha256() != sha256 {
         // The file changed while it was read: it was not complete after all.
-        return Err(IngestError::Changed { path: path.to_path_buf() });
+        return Err(IngestError::Changed {
+            path: path.to_path_buf(),
+        });
     }
 
     if report.items == 0 {
@@ -198,11 +213,18 @@ pub async fn ingest_file(
 
 /// Moves a file into `dir` under a name no other file there has, and writes its report
 /// beside it. The report is written first, so a file in `dir` always has one.
-async fn move_with_report(path: &Path, dir: &Path, report: &Report) -> Result<PathBuf, IngestError> {
+async fn move_with_report(
+    path: &Path,
+    dir: &Path,
+    report: &Report,
+) -> Result<PathBuf, IngestError> {
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| IngestError::io("create directory", dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let target = unique_target(dir, &name).await;
     let report_path = PathBuf::from(format!("{}.report.json", target.display()));
     let json = serde_json::to_vec_pretty(report)?;

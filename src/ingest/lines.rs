@@ -113,7 +113,11 @@ mod tests {
             (4, b"last".to_vec(), false),
         ];
         for capacity in [1, 2, 64] {
-            assert_eq!(read_all(data, capacity, 100).await, expected, "capacity {capacity}");
+            assert_eq!(
+                read_all(data, capacity, 100).await,
+                expected,
+                "capacity {capacity}"
+            );
         }
     }
 

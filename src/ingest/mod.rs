@@ -22,7 +22,7 @@ use crate::config::{IngestConfig, PathsConfig};
 use crate::store::{Store, StoreError};
 use crate::wake::Signal;
 
-pub use file::{ingest_file, Ingested, LineError, Report};
+pub use file::{Ingested, LineError, Report, ingest_file};
 
 /// Folder inside the inbox whose files are all urgent.
 pub const URGENT_DIR: &str = "urgent";
@@ -42,7 +42,10 @@ pub enum IngestError {
     #[error("failed to encode or decode a file report: {0}")]
     Report(#[from] serde_json::Error),
     #[error("failed to watch the inbox {path}: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
 }
 
 impl IngestError {
@@ -57,7 +60,10 @@ impl IngestError {
 
 /// True for names the inbox ignores: hidden files and files still being written.
 pub fn is_ignored_name(name: &str) -> bool {
-    name.starts_with('.') || [".part", ".tmp", ".swp"].iter().any(|ext| name.ends_with(ext))
+    name.starts_with('.')
+        || [".part", ".tmp", ".swp"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
 }
 
 /// True for files the inbox takes.
@@ -149,7 +155,10 @@ impl Intake {
     pub async fn scan_once(&mut self, cancel: &CancellationToken) -> bool {
         let mut settling = false;
         let mut present = Vec::new();
-        for (dir, urgent) in [(self.paths.inbox.clone(), false), (self.paths.inbox.join(URGENT_DIR), true)] {
+        for (dir, urgent) in [
+            (self.paths.inbox.clone(), false),
+            (self.paths.inbox.join(URGENT_DIR), true),
+        ] {
             let mut candidates = match list_candidates(&dir).await {
                 Ok(c) => c,
                 Err(error) => {
@@ -182,9 +191,9 @@ impl Intake {
         let size = meta.len();
         let old_enough = now.duration_since(mtime).unwrap_or_default() >= self.config.settle;
         match self.seen.get(path) {
-            Some(&(s, m, since)) if s == size && m == mtime => {
-                Some(old_enough || now.duration_since(since).unwrap_or_default() >= self.config.settle)
-            }
+            Some(&(s, m, since)) if s == size && m == mtime => Some(
+                old_enough || now.duration_since(since).unwrap_or_default() >= self.config.settle,
+            ),
             _ => {
                 self.seen.insert(path.to_path_buf(), (size, mtime, now));
                 Some(old_enough)
@@ -229,7 +238,11 @@ async fn list_candidates(dir: &Path) -> Result<Vec<PathBuf>, IngestError> {
         .await
         .map_err(|e| IngestError::io("list", dir, e))?;
     let mut found = Vec::new();
-    while let Some(entry) = entries.next_entry().await.map_err(|e| IngestError::io("list", dir, e))? {
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| IngestError::io("list", dir, e))?
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !is_input_name(&name) {
             continue;

@@ -25,8 +25,12 @@ pub struct ParsedLine {
 /// Parses one line (without its line ending). The error is the reason, ready to follow
 /// `path:line: `.
 pub fn parse_line(bytes: &[u8]) -> Result<ParsedLine, String> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| format!("invalid UTF-8 at byte {}: save the file as UTF-8", e.valid_up_to() + 1))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        format!(
+            "invalid UTF-8 at byte {}: save the file as UTF-8",
+            e.valid_up_to() + 1
+        )
+    })?;
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let Value::Object(line) = value else {
         return Err(format!(
@@ -44,12 +48,26 @@ pub fn parse_line(bytes: &[u8]) -> Result<ParsedLine, String> {
             return Err("\"custom_id\" is empty: every line needs a unique string id".into());
         }
         Some(Value::String(id)) => id.clone(),
-        Some(other) => return Err(format!("\"custom_id\" must be a string, found {}", kind(other))),
+        Some(other) => {
+            return Err(format!(
+                "\"custom_id\" must be a string, found {}",
+                kind(other)
+            ));
+        }
     };
     let body = match line.get("body") {
-        None => return Err("missing \"body\": put the request (model, messages, ...) under \"body\"".into()),
+        None => {
+            return Err(
+                "missing \"body\": put the request (model, messages, ...) under \"body\"".into(),
+            );
+        }
         Some(Value::Object(body)) => body,
-        Some(other) => return Err(format!("\"body\" must be a JSON object, found {}", kind(other))),
+        Some(other) => {
+            return Err(format!(
+                "\"body\" must be a JSON object, found {}",
+                kind(other)
+            ));
+        }
     };
     match line.get("method") {
         None => {}
@@ -59,8 +77,15 @@ pub fn parse_line(bytes: &[u8]) -> Result<ParsedLine, String> {
     let endpoint = endpoint(line.get("url"), body)?;
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        Some(Value::String(_)) => return Err("\"body.model\" is empty: name the model to run".into()),
-        Some(other) => return Err(format!("\"body.model\" must be a string, found {}", kind(other))),
+        Some(Value::String(_)) => {
+            return Err("\"body.model\" is empty: name the model to run".into());
+        }
+        Some(other) => {
+            return Err(format!(
+                "\"body.model\" must be a string, found {}",
+                kind(other)
+            ));
+        }
         None => return Err("missing \"body.model\": name the model to run".into()),
     };
     check_body(&endpoint, body)?;
@@ -102,18 +127,25 @@ fn kind(value: &Value) -> &'static str {
 
 /// Recognises lines written for another provider's batch API.
 fn foreign_format(line: &Map<String, Value>) -> Option<String> {
-    const EXPECTED: &str = "batchd expects {\"custom_id\": \"...\", \"body\": {...}} (Together/OpenAI batch format)";
+    const EXPECTED: &str =
+        "batchd expects {\"custom_id\": \"...\", \"body\": {...}} (Together/OpenAI batch format)";
     if line.contains_key("custom_id") && line.contains_key("body") {
         return None;
     }
     if line.contains_key("key") && line.contains_key("request") {
-        return Some(format!("this is a Gemini batch line ({{\"key\", \"request\"}}): {EXPECTED}"));
+        return Some(format!(
+            "this is a Gemini batch line ({{\"key\", \"request\"}}): {EXPECTED}"
+        ));
     }
     if line.contains_key("custom_id") && line.contains_key("params") {
-        return Some(format!("this is an Anthropic batch line ({{\"custom_id\", \"params\"}}): {EXPECTED}"));
+        return Some(format!(
+            "this is an Anthropic batch line ({{\"custom_id\", \"params\"}}): {EXPECTED}"
+        ));
     }
     if line.contains_key("messages") || line.contains_key("model") {
-        return Some(format!("this is a bare request body without an id: {EXPECTED}"));
+        return Some(format!(
+            "this is a bare request body without an id: {EXPECTED}"
+        ));
     }
     None
 }
@@ -148,20 +180,37 @@ fn check_body(endpoint: &str, body: &Map<String, Value>) -> Result<(), String> {
     match endpoint {
         "/v1/chat/completions" => match body.get("messages") {
             Some(Value::Array(m)) if !m.is_empty() => Ok(()),
-            Some(Value::Array(_)) => Err("\"body.messages\" is empty: a chat request needs at least one message".into()),
-            Some(other) => Err(format!("\"body.messages\" must be an array, found {}", kind(other))),
-            None => Err("missing \"body.messages\": a chat request needs a list of messages".into()),
+            Some(Value::Array(_)) => {
+                Err("\"body.messages\" is empty: a chat request needs at least one message".into())
+            }
+            Some(other) => Err(format!(
+                "\"body.messages\" must be an array, found {}",
+                kind(other)
+            )),
+            None => {
+                Err("missing \"body.messages\": a chat request needs a list of messages".into())
+            }
         },
         "/v1/embeddings" => match body.get("input") {
             Some(Value::String(_)) => Ok(()),
             Some(Value::Array(a)) if !a.is_empty() => Ok(()),
-            Some(Value::Array(_)) => Err("\"body.input\" is empty: give a string or an array of strings".into()),
-            Some(other) => Err(format!("\"body.input\" must be a string or an array, found {}", kind(other))),
-            None => Err("missing \"body.input\": an embeddings request needs the text to embed".into()),
+            Some(Value::Array(_)) => {
+                Err("\"body.input\" is empty: give a string or an array of strings".into())
+            }
+            Some(other) => Err(format!(
+                "\"body.input\" must be a string or an array, found {}",
+                kind(other)
+            )),
+            None => {
+                Err("missing \"body.input\": an embeddings request needs the text to embed".into())
+            }
         },
         "/v1/completions" | "/v1/images/generations" => match body.get("prompt") {
             Some(Value::String(_)) => Ok(()),
-            Some(other) => Err(format!("\"body.prompt\" must be a string, found {}", kind(other))),
+            Some(other) => Err(format!(
+                "\"body.prompt\" must be a string, found {}",
+                kind(other)
+            )),
             None => Err("missing \"body.prompt\"".into()),
         },
         _ => Ok(()),
@@ -191,7 +240,8 @@ mod tests {
     fn short_line_infers_endpoint() {
         let chat = parse_line(br#"{"custom_id": "a", "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}"#).unwrap();
         assert_eq!(chat.endpoint, "/v1/chat/completions");
-        let embed = parse_line(br#"{"custom_id": "b", "body": {"model": "e", "input": "text"}}"#).unwrap();
+        let embed =
+            parse_line(br#"{"custom_id": "b", "body": {"model": "e", "input": "text"}}"#).unwrap();
         assert_eq!(embed.endpoint, "/v1/embeddings");
     }
 
@@ -199,7 +249,10 @@ mod tests {
     fn extensions_are_read_and_kept_out_of_body() {
         let parsed = parse_line(br#"{"custom_id": "u", "urgent": true, "deadline": "2030-01-01T00:00:00Z", "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}"#).unwrap();
         assert!(parsed.urgent);
-        assert_eq!(parsed.deadline.unwrap().to_rfc3339(), "2030-01-01T00:00:00+00:00");
+        assert_eq!(
+            parsed.deadline.unwrap().to_rfc3339(),
+            "2030-01-01T00:00:00+00:00"
+        );
         assert!(!parsed.body.contains("urgent"));
         assert!(!parsed.body.contains("deadline"));
     }
@@ -216,12 +269,18 @@ mod tests {
 
     #[test]
     fn missing_custom_id_is_reported() {
-        assert!(reason(r#"{"body": {"model": "m", "input": "x"}, "url": "/v1/embeddings"}"#).contains("missing \"custom_id\""));
+        assert!(
+            reason(r#"{"body": {"model": "m", "input": "x"}, "url": "/v1/embeddings"}"#)
+                .contains("missing \"custom_id\"")
+        );
     }
 
     #[test]
     fn non_string_custom_id_is_reported() {
-        assert!(reason(r#"{"custom_id": 7, "body": {"model": "m", "input": "x"}}"#).contains("must be a string"));
+        assert!(
+            reason(r#"{"custom_id": 7, "body": {"model": "m", "input": "x"}}"#)
+                .contains("must be a string")
+        );
     }
 
     #[test]
@@ -231,23 +290,39 @@ mod tests {
 
     #[test]
     fn unknown_url_names_supported_ones() {
-        let r = reason(r#"{"custom_id": "a", "url": "/v1/responses", "body": {"model": "m", "input": "x"}}"#);
-        assert!(r.contains("/v1/responses") && r.contains("/v1/chat/completions"), "{r}");
+        let r = reason(
+            r#"{"custom_id": "a", "url": "/v1/responses", "body": {"model": "m", "input": "x"}}"#,
+        );
+        assert!(
+            r.contains("/v1/responses") && r.contains("/v1/chat/completions"),
+            "{r}"
+        );
     }
 
     #[test]
     fn missing_model_is_reported() {
-        assert!(reason(r#"{"custom_id": "a", "body": {"messages": [{"role": "user", "content": "x"}]}}"#).contains("body.model"));
+        assert!(
+            reason(
+                r#"{"custom_id": "a", "body": {"messages": [{"role": "user", "content": "x"}]}}"#
+            )
+            .contains("body.model")
+        );
     }
 
     #[test]
     fn empty_messages_is_reported() {
-        assert!(reason(r#"{"custom_id": "a", "body": {"model": "m", "messages": []}}"#).contains("empty"));
+        assert!(
+            reason(r#"{"custom_id": "a", "body": {"model": "m", "messages": []}}"#)
+                .contains("empty")
+        );
     }
 
     #[test]
     fn bad_urgent_and_deadline_are_reported() {
-        assert!(reason(r#"{"custom_id": "a", "urgent": "yes", "body": {"model": "m", "input": "x"}}"#).contains("\"urgent\""));
+        assert!(
+            reason(r#"{"custom_id": "a", "urgent": "yes", "body": {"model": "m", "input": "x"}}"#)
+                .contains("\"urgent\"")
+        );
         assert!(reason(r#"{"custom_id": "a", "deadline": "tomorrow", "body": {"model": "m", "input": "x"}}"#).contains("RFC 3339"));
     }
 
@@ -259,6 +334,10 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_reported() {
-        assert!(parse_line(b"{\"custom_id\": \"\xff\"}").unwrap_err().contains("UTF-8"));
+        assert!(
+            parse_line(b"{\"custom_id\": \"\xff\"}")
+                .unwrap_err()
+                .contains("UTF-8")
+        );
     }
 }

@@ -6,7 +6,7 @@ pub mod wait;
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, AUTHORIZATION, LOCATION};
+use reqwest::header::{AUTHORIZATION, HeaderMap, LOCATION};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -43,7 +43,10 @@ pub enum ProviderError {
         source: reqwest::Error,
     },
     #[error("{action} returned an unexpected response: {detail}")]
-    Protocol { action: &'static str, detail: String },
+    Protocol {
+        action: &'static str,
+        detail: String,
+    },
 }
 
 impl ProviderError {
@@ -87,7 +90,9 @@ pub struct Provider {
 
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Provider").field("base_url", &self.base_url).finish_non_exhaustive()
+        f.debug_struct("Provider")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -151,14 +156,20 @@ impl Provider {
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let builder = self.http.request(method, format!("{}{}", self.base_url, path));
+        let builder = self
+            .http
+            .request(method, format!("{}{}", self.base_url, path));
         match &self.api_key {
             Some(key) => builder.header(AUTHORIZATION, format!("Bearer {key}")),
             None => builder,
         }
     }
 
-    async fn send(&self, action: &'static str, builder: RequestBuilder) -> Result<Response, ProviderError> {
+    async fn send(
+        &self,
+        action: &'static str,
+        builder: RequestBuilder,
+    ) -> Result<Response, ProviderError> {
         builder
             .send()
             .await
@@ -193,14 +204,21 @@ impl Provider {
             .map_err(|source| ProviderError::Transport { action, source })?;
         serde_json::from_slice(&bytes).map_err(|e| ProviderError::Protocol {
             action,
-            detail: format!("{e}; body starts with {:?}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
+            detail: format!(
+                "{e}; body starts with {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            ),
         })
     }
 
     /// Uploads a batch input file the way the official SDK does: a multipart form without the
     /// bytes answered by a 302 to a presigned URL, a PUT of the bytes there, then preprocess.
     /// A 409 means the same content is stored already; its file id is reused.
-    pub async fn upload_batch_file(&self, name: &str, content: Vec<u8>) -> Result<FileObject, ProviderError> {
+    pub async fn upload_batch_file(
+        &self,
+        name: &str,
+        content: Vec<u8>,
+    ) -> Result<FileObject, ProviderError> {
         const ACTION: &str = "uploading a batch input file";
         let checksum = hex::encode(Sha256::digest(&content));
         let form = reqwest::multipart::Form::new()
@@ -208,14 +226,18 @@ impl Provider {
             .text("file_name", name.to_string())
             .text("file_type", "jsonl")
             .text("checksum", checksum);
-        let response = self.send(ACTION, self.request(Method::POST, "/files").multipart(form)).await?;
+        let response = self
+            .send(ACTION, self.request(Method::POST, "/files").multipart(form))
+            .await?;
         let status = response.status();
         if status == StatusCode::CONFLICT {
             let body: Value = self.json_any(ACTION, response).await?;
-            let id = body["file_id"].as_str().ok_or_else(|| ProviderError::Protocol {
-                action: ACTION,
-                detail: format!("409 without a file_id: {body}"),
-            })?;
+            let id = body["file_id"]
+                .as_str()
+                .ok_or_else(|| ProviderError::Protocol {
+                    action: ACTION,
+                    detail: format!("409 without a file_id: {body}"),
+                })?;
             return self.file(id).await;
         }
         if status != StatusCode::FOUND {
@@ -224,8 +246,16 @@ impl Provider {
             }
             return Err(self.failure(ACTION, response).await);
         }
-        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (Some(location), Some(file_id)) = (header(LOCATION.as_str()), header("x-together-file-id")) else {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (Some(location), Some(file_id)) =
+            (header(LOCATION.as_str()), header("x-together-file-id"))
+        else {
             return Err(ProviderError::Protocol {
                 action: ACTION,
                 detail: "302 without Location or X-Together-File-Id".to_string(),
@@ -242,7 +272,11 @@ impl Provider {
         self.json(ACTION, response).await
     }
 
-    async fn json_any(&self, action: &'static str, response: Response) -> Result<Value, ProviderError> {
+    async fn json_any(
+        &self,
+        action: &'static str,
+        response: Response,
+    ) -> Result<Value, ProviderError> {
         let bytes = response
             .bytes()
             .await
@@ -255,13 +289,20 @@ impl Provider {
 
     pub async fn file(&self, file_id: &str) -> Result<FileObject, ProviderError> {
         const ACTION: &str = "reading a file's metadata";
-        let response = self.send(ACTION, self.request(Method::GET, &format!("/files/{file_id}"))).await?;
+        let response = self
+            .send(
+                ACTION,
+                self.request(Method::GET, &format!("/files/{file_id}")),
+            )
+            .await?;
         self.json(ACTION, response).await
     }
 
     pub async fn list_files(&self) -> Result<Vec<FileObject>, ProviderError> {
         const ACTION: &str = "listing files";
-        let response = self.send(ACTION, self.request(Method::GET, "/files")).await?;
+        let response = self
+            .send(ACTION, self.request(Method::GET, "/files"))
+            .await?;
         let list: types::FileList = self.json(ACTION, response).await?;
         Ok(list.data)
     }
@@ -281,7 +322,10 @@ impl Provider {
         let bytes = response
             .bytes()
             .await
-            .map_err(|source| ProviderError::Transport { action: ACTION, source })?;
+            .map_err(|source| ProviderError::Transport {
+                action: ACTION,
+                source,
+            })?;
         Ok(bytes.to_vec())
     }
 
@@ -298,7 +342,9 @@ impl Provider {
             "completion_window": "24h",
             "model_id": model,
         });
-        let response = self.send(ACTION, self.request(Method::POST, "/batches").json(&body)).await?;
+        let response = self
+            .send(ACTION, self.request(Method::POST, "/batches").json(&body))
+            .await?;
         let created: types::CreatedBatch = self.json(ACTION, response).await?;
         match created.job.filter(|job| !job.id.is_empty()) {
             Some(job) => Ok(job),
@@ -314,13 +360,20 @@ impl Provider {
 
     pub async fn batch(&self, batch_id: &str) -> Result<BatchJob, ProviderError> {
         const ACTION: &str = "reading a batch job";
-        let response = self.send(ACTION, self.request(Method::GET, &format!("/batches/{batch_id}"))).await?;
+        let response = self
+            .send(
+                ACTION,
+                self.request(Method::GET, &format!("/batches/{batch_id}")),
+            )
+            .await?;
         self.json(ACTION, response).await
     }
 
     pub async fn list_batches(&self) -> Result<Vec<BatchJob>, ProviderError> {
         const ACTION: &str = "listing batch jobs";
-        let response = self.send(ACTION, self.request(Method::GET, "/batches")).await?;
+        let response = self
+            .send(ACTION, self.request(Method::GET, "/batches"))
+            .await?;
         self.json(ACTION, response).await
     }
 
@@ -328,7 +381,9 @@ impl Provider {
     pub async fn call(&self, endpoint: &str, body: &Value) -> Result<Answer, ProviderError> {
         const ACTION: &str = "sending a real-time request";
         let path = endpoint.strip_prefix("/v1").unwrap_or(endpoint);
-        let response = self.send(ACTION, self.request(Method::POST, path).json(body)).await?;
+        let response = self
+            .send(ACTION, self.request(Method::POST, path).json(body))
+            .await?;
         let status = response.status().as_u16();
         let body: Value = self.json(ACTION, response).await?;
         Ok(Answer { status, body })
@@ -343,9 +398,18 @@ mod tests {
     #[test]
     fn classify_statuses() {
         let none = HeaderMap::new();
-        assert_eq!(classify(StatusCode::TOO_MANY_REQUESTS, &none), Failure::RateLimited);
-        assert_eq!(classify(StatusCode::SERVICE_UNAVAILABLE, &none), Failure::Retryable);
-        assert_eq!(classify(StatusCode::INTERNAL_SERVER_ERROR, &none), Failure::Retryable);
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS, &none),
+            Failure::RateLimited
+        );
+        assert_eq!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, &none),
+            Failure::Retryable
+        );
+        assert_eq!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, &none),
+            Failure::Retryable
+        );
         assert_eq!(classify(StatusCode::BAD_REQUEST, &none), Failure::Fatal);
         assert_eq!(classify(StatusCode::NOT_FOUND, &none), Failure::Fatal);
     }
@@ -354,15 +418,27 @@ mod tests {
     fn should_retry_header_overrides() {
         let mut headers = HeaderMap::new();
         headers.insert("x-should-retry", HeaderValue::from_static("false"));
-        assert_eq!(classify(StatusCode::SERVICE_UNAVAILABLE, &headers), Failure::Fatal);
+        assert_eq!(
+            classify(StatusCode::SERVICE_UNAVAILABLE, &headers),
+            Failure::Fatal
+        );
         headers.insert("x-should-retry", HeaderValue::from_static("true"));
-        assert_eq!(classify(StatusCode::BAD_REQUEST, &headers), Failure::Retryable);
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, &headers),
+            Failure::Retryable
+        );
     }
 
     #[test]
     fn error_message_reads_both_shapes() {
-        assert_eq!(error_message(r#"{"error":{"message":"bad model","type":"x"}}"#), "bad model");
-        assert_eq!(error_message(r#"{"error":"file not found"}"#), "file not found");
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad model","type":"x"}}"#),
+            "bad model"
+        );
+        assert_eq!(
+            error_message(r#"{"error":"file not found"}"#),
+            "file not found"
+        );
         assert_eq!(error_message("upstream broke"), "upstream broke");
     }
 }

@@ -55,7 +55,10 @@ impl BatchStatus {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            BatchStatus::Completed | BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled
+            BatchStatus::Completed
+                | BatchStatus::Failed
+                | BatchStatus::Expired
+                | BatchStatus::Cancelled
         )
     }
 
@@ -148,7 +151,10 @@ mod tests {
     fn status_matches_any_case() {
         assert_eq!(BatchStatus::parse("completed"), BatchStatus::Completed);
         assert_eq!(BatchStatus::parse("In_Progress"), BatchStatus::InProgress);
-        assert_eq!(BatchStatus::parse("QUEUED"), BatchStatus::Unknown("QUEUED".into()));
+        assert_eq!(
+            BatchStatus::parse("QUEUED"),
+            BatchStatus::Unknown("QUEUED".into())
+        );
         assert!(!BatchStatus::parse("QUEUED").is_terminal());
     }
 
@@ -158,6 +164,9 @@ mod tests {
             r#"{"custom_id":"bd-1","error":{"message":"Invalid model specified","code":"invalid_model"}}"#,
         )
         .unwrap();
-        assert_eq!(line.error_message().unwrap(), "invalid_model: Invalid model specified");
+        assert_eq!(
+            line.error_message().unwrap(),
+            "invalid_model: Invalid model specified"
+        );
     }
 }

@@ -42,9 +42,7 @@ impl RetryPolicy {
     /// asked for one, otherwise the backoff.
     pub fn delay(&self, server_wait: Option<Duration>, attempt: u32) -> Duration {
         match server_wait {
-            Some(wait) if !wait.is_zero() => {
-                wait + wait.mul_f64(rand::random_range(0.0..=0.1))
-            }
+            Some(wait) if !wait.is_zero() => wait + wait.mul_f64(rand::random_range(0.0..=0.1)),
             _ => self.backoff(attempt),
         }
     }
@@ -53,7 +51,12 @@ impl RetryPolicy {
 /// Reads the wait a response asks for, capped at `max_wait`. `Some(ZERO)` means the server
 /// named a time already past; `None` means it named none that could be read.
 pub fn server_wait(headers: &HeaderMap, now: SystemTime, max_wait: Duration) -> Option<Duration> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     let wait = header("retry-after-ms")
         .and_then(|v| seconds(v, 1000.0))
         .or_else(|| header("retry-after").and_then(|v| retry_after(v, now)))
@@ -102,13 +105,19 @@ mod tests {
 
     #[test]
     fn retry_after_seconds() {
-        assert_eq!(wait_for("retry-after", "120", clock()), Some(Duration::from_secs(120)));
+        assert_eq!(
+            wait_for("retry-after", "120", clock()),
+            Some(Duration::from_secs(120))
+        );
     }
 
     #[test]
     fn retry_after_http_date_ahead() {
         let date = httpdate::fmt_http_date(clock() + Duration::from_secs(30));
-        assert_eq!(wait_for("retry-after", &date, clock()), Some(Duration::from_secs(30)));
+        assert_eq!(
+            wait_for("retry-after", &date, clock()),
+            Some(Duration::from_secs(30))
+        );
     }
 
     #[test]
@@ -116,7 +125,10 @@ mod tests {
         let date = httpdate::fmt_http_date(clock() - Duration::from_secs(30));
         let wait = wait_for("retry-after", &date, clock());
         assert_eq!(wait, Some(Duration::ZERO));
-        let policy = RetryPolicy { initial: Duration::from_secs(2), ..RetryPolicy::DEFAULT };
+        let policy = RetryPolicy {
+            initial: Duration::from_secs(2),
+            ..RetryPolicy::DEFAULT
+        };
         assert!(policy.delay(wait, 0) <= Duration::from_secs(2));
     }
 
@@ -124,7 +136,10 @@ mod tests {
     fn retry_after_negative_or_garbage_falls_back_to_backoff() {
         assert_eq!(wait_for("retry-after", "-3", clock()), None);
         assert_eq!(wait_for("retry-after", "soon", clock()), None);
-        let policy = RetryPolicy { initial: Duration::from_secs(1), ..RetryPolicy::DEFAULT };
+        let policy = RetryPolicy {
+            initial: Duration::from_secs(1),
+            ..RetryPolicy::DEFAULT
+        };
         for attempt in 0..4 {
             assert!(policy.delay(None, attempt) <= Duration::from_secs(1 << attempt));
         }
@@ -132,7 +147,10 @@ mod tests {
 
     #[test]
     fn retry_after_fraction_is_seconds() {
-        assert_eq!(wait_for("retry-after", "1.5", clock()), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            wait_for("retry-after", "1.5", clock()),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]
@@ -145,12 +163,18 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("retry-after-ms", HeaderValue::from_static("250"));
         headers.insert("retry-after", HeaderValue::from_static("120"));
-        assert_eq!(server_wait(&headers, clock(), MAX_WAIT), Some(Duration::from_millis(250)));
+        assert_eq!(
+            server_wait(&headers, clock(), MAX_WAIT),
+            Some(Duration::from_millis(250))
+        );
     }
 
     #[test]
     fn ratelimit_reset_used_when_nothing_else() {
-        assert_eq!(wait_for("x-ratelimit-reset", "7", clock()), Some(Duration::from_secs(7)));
+        assert_eq!(
+            wait_for("x-ratelimit-reset", "7", clock()),
+            Some(Duration::from_secs(7))
+        );
     }
 
     #[test]

@@ -59,7 +59,9 @@ fn quota(per_minute: u32) -> Quota {
 
 impl EndpointLimiter {
     pub fn per_minute(per_minute: u32) -> Self {
-        let clock = TokioClock { start: Instant::now() };
+        let clock = TokioClock {
+            start: Instant::now(),
+        };
         EndpointLimiter {
             gcra: RateLimiter::direct_with_clock(quota(per_minute), clock.clone()),
             clock,
@@ -127,8 +129,14 @@ mod tests {
                 times.push(origin.elapsed());
             }
             let most = max_in_window(&times, Duration::from_secs(60));
-            assert!(most <= rate as usize, "rate {rate}: {most} requests in one minute");
-            assert!(most + 2 >= rate as usize, "rate {rate}: only {most} requests in one minute");
+            assert!(
+                most <= rate as usize,
+                "rate {rate}: {most} requests in one minute"
+            );
+            assert!(
+                most + 2 >= rate as usize,
+                "rate {rate}: only {most} requests in one minute"
+            );
         }
     }
 

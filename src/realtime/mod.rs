@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,13 +65,19 @@ impl Realtime {
     ) -> Arc<Realtime> {
         let limiters = SUPPORTED_ENDPOINTS
             .iter()
-            .map(|&e| (e, Arc::new(EndpointLimiter::per_minute(rate_for(&config, e)))))
+            .map(|&e| {
+                (
+                    e,
+                    Arc::new(EndpointLimiter::per_minute(rate_for(&config, e))),
+                )
+            })
             .collect();
         Arc::new(Realtime {
             store,
             provider,
             permits: Arc::new(Semaphore::new(config.max_concurrency)),
-            batchable: serde_json::to_string(&batch.batchable_endpoints).expect("strings serialize"),
+            batchable: serde_json::to_string(&batch.batchable_endpoints)
+                .expect("strings serialize"),
             deadline_margin: batch.deadline_margin,
             config,
             limiters,
@@ -110,10 +116,17 @@ impl Realtime {
         let lease_until = now + chrono::Duration::from_std(self.config.lease).unwrap_or_default();
         if endpoint == EMBEDDINGS {
             self.store
-                .claim_embeddings(&self.batchable, cutoff, lease_until, self.config.embedding_inputs_per_request)
+                .claim_embeddings(
+                    &self.batchable,
+                    cutoff,
+                    lease_until,
+                    self.config.embedding_inputs_per_request,
+                )
                 .await
         } else {
-            self.store.claim_realtime(endpoint, &self.batchable, cutoff, lease_until, 1).await
+            self.store
+                .claim_realtime(endpoint, &self.batchable, cutoff, lease_until, 1)
+                .await
         }
     }
 
@@ -179,7 +192,9 @@ impl Realtime {
                 tracing::error!(%error, "stored request body is not JSON; failing the items");
                 for item in items {
                     let message = format!("stored request body is not valid JSON: {error}");
-                    if let Err(error) = results::record_local_failure(&self.store, item.id, &message).await {
+                    if let Err(error) =
+                        results::record_local_failure(&self.store, item.id, &message).await
+                    {
                         tracing::error!(item = item.id, %error, "failed to record a failed item");
                     }
                 }
@@ -196,13 +211,23 @@ impl Realtime {
         }
     }
 
-    async fn record_answers(&self, items: &[ClaimedItem], answer: Answer) -> Result<(), StoreError> {
+    async fn record_answers(
+        &self,
+        items: &[ClaimedItem],
+        answer: Answer,
+    ) -> Result<(), StoreError> {
         if items.len() == 1 {
             results::record_answer(&self.store, items[0].id, &answer).await?;
             return Ok(());
         }
-        for (item, body) in items.iter().zip(split_embeddings(&answer.body, items.len())) {
-            let single = Answer { status: answer.status, body };
+        for (item, body) in items
+            .iter()
+            .zip(split_embeddings(&answer.body, items.len()))
+        {
+            let single = Answer {
+                status: answer.status,
+                body,
+            };
             results::record_answer(&self.store, item.id, &single).await?;
         }
         Ok(())
@@ -266,7 +291,11 @@ fn build_request(items: &[ClaimedItem]) -> Result<Value, serde_json::Error> {
 fn split_embeddings(body: &Value, count: usize) -> Vec<Value> {
     let mut per_input: Vec<Vec<Value>> = vec![Vec::new(); count];
     for entry in body["data"].as_array().into_iter().flatten() {
-        if let Some(index) = entry["index"].as_u64().map(|i| i as usize).filter(|i| *i < count) {
+        if let Some(index) = entry["index"]
+            .as_u64()
+            .map(|i| i as usize)
+            .filter(|i| *i < count)
+        {
             let mut entry = entry.clone();
             entry["index"] = json!(0);
             per_input[index].push(entry);

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
 
-use super::{timestamp, Store, StoreError};
+use super::{Store, StoreError, timestamp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchState {
@@ -204,7 +204,11 @@ impl Store {
     }
 
     /// Records the provider's id of the uploaded input file.
-    pub async fn record_upload(&self, batch_id: i64, input_file_id: &str) -> Result<(), StoreError> {
+    pub async fn record_upload(
+        &self,
+        batch_id: i64,
+        input_file_id: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE batches SET state = 'uploaded', input_file_id = ?2
              WHERE id = ?1 AND state = 'uploading'",

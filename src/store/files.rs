@@ -3,8 +3,8 @@
 
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::items::{insert_item, NewItem};
-use super::{timestamp, Store, StoreError};
+use super::items::{NewItem, insert_item};
+use super::{Store, StoreError, timestamp};
 
 /// The header of a file being ingested.
 #[derive(Debug, Clone)]

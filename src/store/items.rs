@@ -11,7 +11,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqliteConnection};
 
-use super::{timestamp, Store, StoreError};
+use super::{Store, StoreError, timestamp};
 
 /// Lifecycle of a work item; mirrors the `CHECK` on `work_items.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -239,7 +239,9 @@ impl Store {
         max_inputs: usize,
     ) -> Result<Vec<ClaimedItem>, StoreError> {
         let now = timestamp(Utc::now());
-        let mut tx = self.pool().begin().await?;
+        // IMMEDIATE takes the write lock up front: a read that later writes could otherwise
+        // fail with SQLITE_BUSY instead of waiting for the busy timeout.
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let first_sql = format!(
             "SELECT id, json_type(body, '$.input') = 'text' AS single,
                     model, json_remove(body, '$.input') AS params
@@ -407,7 +409,10 @@ impl Store {
             .bind(batch_id)
             .fetch_all(self.pool())
             .await?;
-        Ok(rows.into_iter().map(|r| (r.get("id"), r.get("body"))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get("id"), r.get("body")))
+            .collect())
     }
 
     /// Returns the earliest time a queued item becomes due, if any item is waiting.

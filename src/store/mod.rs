@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 pub(crate) use batches::mark_harvested;
 pub use batches::{BatchRow, BatchState, NewBatch};
@@ -26,6 +26,10 @@ pub enum StoreError {
     Open { path: String, source: sqlx::Error },
     #[error("failed to apply database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "database {path} not found: check `paths.database`, or start the daemon once to create it"
+    )]
+    Missing { path: String },
     #[error("database query failed: {0}")]
     Query(#[from] sqlx::Error),
     #[error("database holds an unknown {kind} {value:?}: was it written by a newer batchd?")]
@@ -74,6 +78,16 @@ impl Store {
             })?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool })
+    }
+
+    /// Opens a database that must exist already, for commands that only read it.
+    pub async fn open_existing(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.display().to_string(),
+            });
+        }
+        Self::open(path).await
     }
 
     pub fn pool(&self) -> &SqlitePool {

@@ -1,0 +1,185 @@
+//! Shared harness of the integration tests: a simulator on a loopback port, the real `batchd`
+//! binary as the daemon, a temporary directory and a fresh database per test.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use batchd::simulate::{SimConfig, SimStatsHandle, Simulator};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Row, SqlitePool};
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound on any wait for the daemon; only a hung pipeline reaches it.
+pub const PATIENCE: Duration = Duration::from_secs(300);
+
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// A simulator running in this process.
+pub struct Sim {
+    pub base_url: String,
+    pub stats: SimStatsHandle,
+    cancel: CancellationToken,
+}
+
+impl Sim {
+    pub async fn start(config: SimConfig) -> Sim {
+        let simulator = Simulator::bind("127.0.0.1:0".parse().unwrap(), config)
+            .await
+            .unwrap();
+        let base_url = simulator.base_url();
+        let stats = simulator.stats();
+        let cancel = CancellationToken::new();
+        tokio::spawn(simulator.run(cancel.clone()));
+        Sim {
+            base_url,
+            stats,
+            cancel,
+        }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The real daemon binary with its own directory, config and database.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes a config pointing at `base_url` (plus `extra` TOML) and starts `batchd run`.
+    pub fn start(base_url: &str, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("batchd.toml");
+        let config = format!(
+            "[provider]\nbase_url = {base_url:?}\n\n[paths]\ninbox = {inbox:?}\ndatabase = {db:?}\n\n{extra}\n",
+            inbox = dir.path().join("inbox").display().to_string(),
+            db = dir.path().join("batchd.db").display().to_string(),
+        );
+        std::fs::write(&config_path, config).unwrap();
+        let mut daemon = Daemon {
+            dir,
+            config_path,
+            child: None,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_batchd"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("TOGETHER_API_KEY", "test-key")
+            .env("BATCHD_LOG", "warn,batchd=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the batchd binary starts");
+        self.child = Some(child);
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// Drops a file into the inbox the documented way: written as `.part`, then renamed.
+    pub fn drop_file(&self, name: &str, bytes: &[u8]) {
+        let inbox = self.path("inbox");
+        wait_for(|| inbox.is_dir(), "the inbox to exist");
+        let partial = inbox.join(format!("{name}.part"));
+        std::fs::write(&partial, bytes).unwrap();
+        std::fs::rename(&partial, inbox.join(name)).unwrap();
+    }
+
+    pub async fn db(&self) -> SqlitePool {
+        let path = self.path("batchd.db");
+        wait_for(|| path.exists(), "the database to exist");
+        let options = SqliteConnectOptions::new().filename(&path).read_only(true);
+        SqlitePool::connect_with(options).await.unwrap()
+    }
+
+    /// Waits until `expected` items exist and none is unfinished.
+    pub async fn wait_all_terminal(&self, db: &SqlitePool, expected: i64) {
+        let started = Instant::now();
+        loop {
+            let row = sqlx::query(
+                "SELECT COUNT(*) AS total, COALESCE(SUM(state NOT IN ('succeeded', 'failed')), 0) AS open FROM work_items",
+            )
+            .fetch_one(db)
+            .await
+            .unwrap();
+            let (total, open): (i64, i64) = (row.get("total"), row.get("open"));
+            if total >= expected && open == 0 {
+                return;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "pipeline stalled: {total} items, {open} unfinished"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls a condition with a bound; panics naming what was awaited.
+pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < PATIENCE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a JSONL file into values, skipping blank lines.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Returns the content of the last user message of a chat request body.
+pub fn last_user_message(body: &serde_json::Value) -> String {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .unwrap()
+        .to_string()
+}
