@@ -1,0 +1,345 @@
+//! Validation of a batch's input file and the answers to its lines.
+//!
+//! A file-level problem (endpoint not batchable, too large, too many lines, a line that is not a
+//! JSON object with a string `custom_id` and an object `body`, a `custom_id` that is too long or
+//! repeated) fails the whole batch with one message. A line whose request cannot be answered
+//! (unknown model, missing `messages`) goes to the error file instead, and the other lines are
+//! still answered.
+
+use std::collections::HashMap;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde_json::{Value, json};
+
+use super::answers::{self, RequestError};
+use super::ids::random_hex;
+
+/// Endpoints that accept batches.
+pub(super) const BATCHABLE_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
+/// Most requests in one batch, as Together documents.
+pub(super) const MAX_LINES: usize = 50_000;
+
+/// Largest input file, as Together documents.
+// NOTE: Together writes "100 MB" without saying whether it means 10^8 or 2^20 * 100 bytes; the
+// smaller value is used so that a file accepted here is accepted there.
+pub(super) const MAX_INPUT_BYTES: usize = 100_000_000;
+
+/// Longest `custom_id`, in characters.
+pub(super) const MAX_CUSTOM_ID_CHARS: usize = 64;
+
+/// One line of the output file or of the error file, without its newline.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum LineResult {
+    Output(String),
+    Error(String),
+}
+
+/// Validates `content` as batch input for `endpoint` and answers every line. The results come in
+/// the order in which the batch finishes them: shuffled by `seed`, and never in input order when
+/// there are three lines or more. An `Err` carries the reason the whole batch fails.
+pub(super) fn prepare(
+    content: &[u8],
+    endpoint: &str,
+    seed: u64,
+) -> Result<Vec<LineResult>, String> {
+    let requests = parse_requests(content, endpoint)?;
+    let mut results: Vec<(usize, LineResult)> = requests
+        .into_iter()
+        .enumerate()
+        .map(|(index, (custom_id, body))| (index, answer_line(endpoint, &custom_id, &body)))
+        .collect();
+
+    results.shuffle(&mut StdRng::seed_from_u64(seed));
+    if results.len() >= 3 && results.is_sorted_by_key(|(index, _)| *index) {
+        // A shuffle may return the input order; a client must never be able to rely on it.
+        results.rotate_left(1);
+    }
+    Ok(results.into_iter().map(|(_, result)| result).collect())
+}
+
+/// Returns the `body.model` of the first line that has one, for the batch's `model_id`.
+pub(super) fn first_model(content: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(content).ok()?;
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find_map(|line| line["body"]["model"].as_str().map(str::to_owned))
+}
+
+/// Checks the file-level rules and returns each line's `custom_id` and `body`.
+fn parse_requests(content: &[u8], endpoint: &str) -> Result<Vec<(String, Value)>, String> {
+    if !BATCHABLE_ENDPOINTS.contains(&endpoint) {
+        return Err(format!(
+            "endpoint {endpoint} does not support batches; use {}",
+            BATCHABLE_ENDPOINTS.join(" or ")
+        ));
+    }
+    if content.len() > MAX_INPUT_BYTES {
+        return Err(format!(
+            "input file has {} bytes, more than the limit of {MAX_INPUT_BYTES} bytes (100 MB); \
+             split it into smaller batches",
+            content.len()
+        ));
+    }
+    let text = std::str::from_utf8(content)
+        .map_err(|error| format!("input file is not valid UTF-8: {error}"))?;
+
+    // Line numbers count every line of the file, blank ones included, as an editor shows them.
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(index, line)| (index + 1, line))
+        .collect();
+    if lines.is_empty() {
+        return Err("input file has no requests".to_owned());
+    }
+    if lines.len() > MAX_LINES {
+        return Err(format!(
+            "input file has {} requests, more than the limit of {MAX_LINES}; split it into \
+             smaller batches",
+            lines.len()
+        ));
+    }
+
+    let mut first_use: HashMap<String, usize> = HashMap::new();
+    let mut requests = Vec::with_capacity(lines.len());
+    for (number, line) in lines {
+        let (custom_id, body) =
+            parse_line(line).map_err(|reason| format!("line {number}: {reason}"))?;
+        if let Some(first) = first_use.insert(custom_id.clone(), number) {
+            return Err(format!(
+                "line {number}: custom_id {custom_id:?} repeats line {first}; every custom_id \
+                 must be unique"
+            ));
+        }
+        requests.push((custom_id, body));
+    }
+    Ok(requests)
+}
+
+fn parse_line(line: &str) -> Result<(String, Value), String> {
+    let value: Value =
+        serde_json::from_str(line).map_err(|error| format!("invalid JSON: {error}"))?;
+    let Value::Object(mut object) = value else {
+        return Err("expected a JSON object".to_owned());
+    };
+
+    let custom_id = match object.remove("custom_id") {
+        Some(Value::String(custom_id)) if !custom_id.is_empty() => custom_id,
+        Some(Value::String(_)) => return Err("custom_id is empty".to_owned()),
+        Some(_) => return Err("custom_id must be a string".to_owned()),
+        None => return Err("missing custom_id".to_owned()),
+    };
+    let length = custom_id.chars().count();
+    if length > MAX_CUSTOM_ID_CHARS {
+        return Err(format!(
+            "custom_id {custom_id:?} has {length} characters, more than the limit of \
+             {MAX_CUSTOM_ID_CHARS}"
+        ));
+    }
+
+    match object.remove("body") {
+        Some(body @ Value::Object(_)) => Ok((custom_id, body)),
+        Some(_) => Err("body must be a JSON object".to_owned()),
+        None => Err("missing body".to_owned()),
+    }
+}
+
+fn answer_line(endpoint: &str, custom_id: &str, body: &Value) -> LineResult {
+    let answer = if endpoint == "/v1/completions" {
+        answers::text_completion(body)
+    } else {
+        answers::chat_completion(body)
+    };
+    match answer {
+        Ok(response_body) => {
+            let line = json!({
+                "id": format!("batch_req_{}", random_hex(12)),
+                "custom_id": custom_id,
+                "response": {
+                    "status_code": 200,
+                    "request_id": random_hex(12),
+                    "body": response_body,
+                },
+            });
+            LineResult::Output(line.to_string())
+        }
+        Err(error) => {
+            let line = json!({
+                "custom_id": custom_id,
+                "error": {"message": error.message(), "code": error_code(&error)},
+            });
+            LineResult::Error(line.to_string())
+        }
+    }
+}
+
+fn error_code(error: &RequestError) -> &'static str {
+    if error.is_model_error() {
+        "invalid_model"
+    } else {
+        "invalid_request"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHAT: &str = "/v1/chat/completions";
+
+    fn chat_line(custom_id: &str, question: &str) -> String {
+        json!({
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": CHAT,
+            "body": {
+                "model": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+                "messages": [{"role": "user", "content": question}],
+            },
+        })
+        .to_string()
+    }
+
+    fn failure(content: &str) -> String {
+        prepare(content.as_bytes(), CHAT, 0).unwrap_err()
+    }
+
+    #[test]
+    fn prepare_shuffles_and_answers_every_line() {
+        let content: String = (0..10)
+            .map(|i| chat_line(&format!("id-{i}"), &format!("question {i}")) + "\n")
+            .collect();
+        let results = prepare(content.as_bytes(), CHAT, 7).unwrap();
+        assert_eq!(results.len(), 10);
+
+        let ids: Vec<String> = results
+            .iter()
+            .map(|result| {
+                let LineResult::Output(line) = result else {
+                    panic!("unexpected error line {result:?}");
+                };
+                let line: Value = serde_json::from_str(line).unwrap();
+                line["custom_id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        let input_order: Vec<String> = (0..10).map(|i| format!("id-{i}")).collect();
+        assert_ne!(ids, input_order);
+    }
+
+    #[test]
+    fn prepare_never_keeps_input_order() {
+        let content = [
+            chat_line("a", "1"),
+            chat_line("b", "2"),
+            chat_line("c", "3"),
+        ]
+        .join("\n");
+        for seed in 0..50 {
+            let ids: Vec<String> = prepare(content.as_bytes(), CHAT, seed)
+                .unwrap()
+                .iter()
+                .map(|result| {
+                    let LineResult::Output(line) = result else {
+                        panic!("unexpected error line {result:?}");
+                    };
+                    let line: Value = serde_json::from_str(line).unwrap();
+                    line["custom_id"].as_str().unwrap().to_owned()
+                })
+                .collect();
+            assert_ne!(ids, ["a", "b", "c"], "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn bad_requests_go_to_error_lines() {
+        let unknown_model = json!({"custom_id": "x", "body": {"model": "no/such", "messages": []}});
+        let no_messages =
+            json!({"custom_id": "y", "body": {"model": "Qwen/Qwen2.5-7B-Instruct-Turbo"}});
+        let content = format!("{unknown_model}\n{no_messages}\n");
+        let results = prepare(content.as_bytes(), CHAT, 0).unwrap();
+
+        let mut codes: Vec<(String, String)> = results
+            .iter()
+            .map(|result| {
+                let LineResult::Error(line) = result else {
+                    panic!("expected an error line, got {result:?}");
+                };
+                let line: Value = serde_json::from_str(line).unwrap();
+                (
+                    line["custom_id"].as_str().unwrap().to_owned(),
+                    line["error"]["code"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        codes.sort();
+        assert_eq!(
+            codes,
+            [
+                ("x".to_owned(), "invalid_model".to_owned()),
+                ("y".to_owned(), "invalid_request".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn file_level_problems_fail_the_batch() {
+        let cases = [
+            (
+                format!("{}\n[1, 2]", chat_line("a", "q")),
+                "line 2: expected a JSON object",
+            ),
+            ("{not json".to_owned(), "line 1: invalid JSON"),
+            (r#"{"body": {}}"#.to_owned(), "line 1: missing custom_id"),
+            (
+                r#"{"custom_id": 5, "body": {}}"#.to_owned(),
+                "custom_id must be a string",
+            ),
+            (r#"{"custom_id": "a"}"#.to_owned(), "line 1: missing body"),
+            (
+                r#"{"custom_id": "a", "body": "x"}"#.to_owned(),
+                "body must be a JSON object",
+            ),
+            (chat_line(&"x".repeat(65), "q"), "has 65 characters"),
+            (
+                [chat_line("a", "1"), String::new(), chat_line("a", "2")].join("\n"),
+                "line 3: custom_id \"a\" repeats line 1",
+            ),
+            (String::new(), "no requests"),
+        ];
+        for (content, expected) in cases {
+            let message = failure(&content);
+            assert!(message.contains(expected), "{message:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn custom_id_of_64_characters_is_accepted() {
+        let content = chat_line(&"é".repeat(64), "q");
+        assert!(prepare(content.as_bytes(), CHAT, 0).is_ok());
+    }
+
+    #[test]
+    fn only_chat_and_completions_are_batchable() {
+        let message = prepare(chat_line("a", "q").as_bytes(), "/v1/embeddings", 0).unwrap_err();
+        assert!(message.contains("/v1/embeddings"), "{message}");
+    }
+
+    #[test]
+    fn too_many_lines_fail_the_batch() {
+        let content = "{}\n".repeat(MAX_LINES + 1);
+        assert!(failure(&content).contains("50001 requests"));
+    }
+
+    #[test]
+    fn first_model_reads_the_first_body() {
+        let content = format!("{}\n", chat_line("a", "q"));
+        assert_eq!(
+            first_model(content.as_bytes()).as_deref(),
+            Some("meta-llama/Llama-3.3-70B-Instruct-Turbo")
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! `batchd simulate`: runs the simulator as a process. The first line on stdout is the API base
+//! URL, so that a script can start the simulator on port 0 and read where it listens; logs go to
+//! stderr.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    DEFAULT_CHAT_PER_MINUTE, DEFAULT_COMPLETIONS_PER_MINUTE, DEFAULT_EMBEDDINGS_PER_MINUTE,
+    DEFAULT_IMAGES_PER_MINUTE, RateLimits, SimConfig, Simulator,
+};
+
+/// Options of `batchd simulate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Address to listen on; only loopback addresses (127.0.0.0/8 or ::1) are allowed, and port 0
+    /// picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+
+    /// Seconds from batch creation to COMPLETED; fractions such as 0.5 are allowed.
+    #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
+    pub turnaround: Duration,
+
+    /// Seed of the order of batch output lines.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Chat completion requests accepted per minute; 0 rejects all.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CHAT_PER_MINUTE)]
+    pub chat_rpm: u32,
+
+    /// Text completion requests accepted per minute; 0 rejects all.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_COMPLETIONS_PER_MINUTE)]
+    pub completions_rpm: u32,
+
+    /// Embedding requests accepted per minute; 0 rejects all.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_EMBEDDINGS_PER_MINUTE)]
+    pub embeddings_rpm: u32,
+
+    /// Image generation requests accepted per minute; 0 rejects all.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_IMAGES_PER_MINUTE)]
+    pub images_rpm: u32,
+
+    /// Milliseconds to wait before each real-time answer.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub realtime_delay_ms: u64,
+}
+
+impl SimulateArgs {
+    pub fn config(&self) -> SimConfig {
+        SimConfig {
+            turnaround: self.turnaround,
+            seed: self.seed,
+            limits: RateLimits {
+                chat_per_minute: self.chat_rpm,
+                completions_per_minute: self.completions_rpm,
+                embeddings_per_minute: self.embeddings_rpm,
+                images_per_minute: self.images_rpm,
+            },
+            realtime_delay: Duration::from_millis(self.realtime_delay_ms),
+        }
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("invalid number of seconds `{text}`; expected e.g. 3 or 0.2"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        format!("invalid number of seconds `{text}`; expected a finite number of 0 or more")
+    })
+}
+
+/// Binds the simulator, prints its base URL as the first line on stdout, and serves until
+/// `cancel` is cancelled.
+pub async fn run_cli(args: SimulateArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let simulator = Simulator::bind(args.listen, args.config()).await?;
+
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", simulator.base_url())
+        .and_then(|()| stdout.flush())
+        .context("failed to print the simulator's base URL on stdout")?;
+    drop(stdout);
+
+    simulator.run(cancel).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_seconds_accepts_fractions() {
+        assert_eq!(parse_seconds("0.2"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_seconds("3"), Ok(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn parse_seconds_rejects_negative_and_text() {
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("NaN").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! Per-endpoint rate limits: each real-time endpoint keeps the times of the requests it accepted
+//! in the last 60 seconds and rejects a request when that count has reached the endpoint's
+//! requests-per-minute limit.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::RateLimits;
+
+/// Length of the sliding window that the per-minute limits count over.
+pub(super) const WINDOW: Duration = Duration::from_secs(60);
+
+/// The rate-limited real-time endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+    Images,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Images,
+    ];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Images => "/v1/images/generations",
+        }
+    }
+
+    fn limit(self, limits: &RateLimits) -> u32 {
+        match self {
+            Endpoint::Chat => limits.chat_per_minute,
+            Endpoint::Completions => limits.completions_per_minute,
+            Endpoint::Embeddings => limits.embeddings_per_minute,
+            Endpoint::Images => limits.images_per_minute,
+        }
+    }
+}
+
+/// The limiter's decision on one request, with the values of the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Admission {
+    pub accepted: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Whole seconds, rounded up, until the oldest request in the window leaves it and frees a
+    /// slot; the full window when the limit is 0, and 0 when the window is empty.
+    pub reset_secs: u64,
+    /// Accepted requests in the window ending now, this one included when it was accepted.
+    pub in_window: usize,
+}
+
+impl Admission {
+    /// Value of `Retry-After` for a rejected request: at least one second.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.reset_secs.max(1)
+    }
+}
+
+/// The accepted requests of one endpoint within the last [`WINDOW`].
+#[derive(Debug)]
+pub(super) struct SlidingWindow {
+    limit: u32,
+    accepted: VecDeque<Instant>,
+}
+
+impl SlidingWindow {
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            accepted: VecDeque::new(),
+        }
+    }
+
+    /// Decides on a request arriving at `now`. Calls must come with non-decreasing `now`.
+    pub fn admit(&mut self, now: Instant) -> Admission {
+        // A request at time t stays in the window while now - t < WINDOW, so the window is the
+        // half-open interval (now - WINDOW, now].
+        while let Some(&oldest) = self.accepted.front() {
+            if now.duration_since(oldest) >= WINDOW {
+                self.accepted.pop_front();
+            } else {
+                break;
+            }
+        }
+
+        let accepted = self.accepted.len() < self.limit as usize;
+        if accepted {
+            self.accepted.push_back(now);
+        }
+
+        let reset_secs = match self.accepted.front() {
+            Some(&oldest) => ceil_secs(WINDOW - now.duration_since(oldest)),
+            None if self.limit == 0 => WINDOW.as_secs(),
+            None => 0,
+        };
+        Admission {
+            accepted,
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(self.accepted.len() as u32),
+            reset_secs,
+            in_window: self.accepted.len(),
+        }
+    }
+}
+
+fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// One [`SlidingWindow`] per endpoint, behind one lock so that every decision sees the time order
+/// in which requests took the lock.
+#[derive(Debug)]
+pub(super) struct Limiters {
+    windows: Mutex<BTreeMap<Endpoint, SlidingWindow>>,
+}
+
+impl Limiters {
+    pub fn new(limits: &RateLimits) -> Self {
+        let windows = Endpoint::ALL
+            .into_iter()
+            .map(|endpoint| (endpoint, SlidingWindow::new(endpoint.limit(limits))))
+            .collect();
+        Self {
+            windows: Mutex::new(windows),
+        }
+    }
+
+    pub fn admit(&self, endpoint: Endpoint) -> Admission {
+        let mut windows = self.windows.lock().expect("rate limiter lock poisoned");
+        // Reading the clock under the lock keeps `now` non-decreasing for each window.
+        let now = Instant::now();
+        windows
+            .get_mut(&endpoint)
+            .expect("every endpoint has a window")
+            .admit(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, millis: u64) -> Instant {
+        start + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn window_rejects_over_limit_and_frees_slots() {
+        let start = Instant::now();
+        let mut window = SlidingWindow::new(2);
+        assert!(window.admit(at(start, 0)).accepted);
+        assert!(window.admit(at(start, 10_000)).accepted);
+
+        let rejected = window.admit(at(start, 20_000));
+        assert!(!rejected.accepted);
+        assert_eq!(rejected.remaining, 0);
+        assert_eq!(rejected.reset_secs, 40);
+        assert_eq!(rejected.retry_after_secs(), 40);
+
+        // The first request leaves the window exactly 60 s after it was accepted.
+        let freed = window.admit(at(start, 60_000));
+        assert!(freed.accepted);
+        assert_eq!(freed.in_window, 2);
+    }
+
+    #[test]
+    fn reset_rounds_up_to_whole_seconds() {
+        let start = Instant::now();
+        let mut window = SlidingWindow::new(1);
+        window.admit(at(start, 0));
+        let rejected = window.admit(at(start, 59_500));
+        assert_eq!(rejected.reset_secs, 1);
+        assert_eq!(rejected.retry_after_secs(), 1);
+    }
+
+    #[test]
+    fn zero_limit_rejects_everything() {
+        let mut window = SlidingWindow::new(0);
+        let admission = window.admit(Instant::now());
+        assert!(!admission.accepted);
+        assert_eq!(admission.retry_after_secs(), 60);
+    }
+
+    /// Largest number of timestamps inside any half-open window (end - WINDOW, end], by brute
+    /// force over every window that ends on a timestamp.
+    fn brute_force_max(times: &[u64]) -> usize {
+        times
+            .iter()
+            .map(|&end| {
+                times
+                    .iter()
+                    .filter(|&&t| t <= end && end - t < WINDOW.as_millis() as u64)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn in_window_maximum_matches_brute_force() {
+        let start = Instant::now();
+        // Bursts and gaps, with one pair exactly 60 s apart to check the window's open end.
+        let times: Vec<u64> = vec![
+            0, 100, 200, 30_000, 59_999, 60_000, 60_100, 61_000, 119_999, 120_000, 180_000,
+            180_001, 180_002, 239_000,
+        ];
+        let mut window = SlidingWindow::new(u32::MAX);
+        let max = times
+            .iter()
+            .map(|&t| window.admit(at(start, t)).in_window)
+            .max()
+            .unwrap();
+        assert_eq!(max, brute_force_max(&times));
+        assert_eq!(max, 5);
+    }
+}

@@ -1,0 +1,150 @@
+//! The model catalogue that `GET /v1/models` returns and that every request's `model` is checked
+//! against. The entries are real Together model ids; prices, context lengths and `created` times
+//! are approximations of Together's published values, good enough for a client to parse.
+
+use axum::Json;
+use serde_json::{Value, json};
+
+/// What a model serves, as the `type` field of `GET /v1/models` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ModelKind {
+    Chat,
+    Embedding,
+    Image,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Chat => "chat",
+            ModelKind::Embedding => "embedding",
+            ModelKind::Image => "image",
+        }
+    }
+}
+
+/// One catalogue entry. Prices are US dollars per million tokens (per megapixel for images).
+pub(super) struct Model {
+    pub id: &'static str,
+    pub kind: ModelKind,
+    display_name: &'static str,
+    organization: &'static str,
+    license: &'static str,
+    context_length: u32,
+    created: i64,
+    input_price: f64,
+    output_price: f64,
+}
+
+// NOTE: prices and dates are estimates from Together's public model pages; no client should rely
+// on them beyond their types.
+const CATALOGUE: &[Model] = &[
+    Model {
+        id: "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+        kind: ModelKind::Chat,
+        display_name: "Meta Llama 3.3 70B Instruct Turbo",
+        organization: "Meta",
+        license: "Llama-3.3",
+        context_length: 131_072,
+        created: 1_733_443_200,
+        input_price: 0.88,
+        output_price: 0.88,
+    },
+    Model {
+        id: "Qwen/Qwen2.5-7B-Instruct-Turbo",
+        kind: ModelKind::Chat,
+        display_name: "Qwen2.5 7B Instruct Turbo",
+        organization: "Qwen",
+        license: "apache-2.0",
+        context_length: 32_768,
+        created: 1_726_617_600,
+        input_price: 0.30,
+        output_price: 0.30,
+    },
+    Model {
+        id: "deepseek-ai/DeepSeek-V3.1",
+        kind: ModelKind::Chat,
+        display_name: "DeepSeek V3.1",
+        organization: "DeepSeek",
+        license: "mit",
+        context_length: 131_072,
+        created: 1_755_734_400,
+        input_price: 0.60,
+        output_price: 1.70,
+    },
+    Model {
+        id: "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo",
+        kind: ModelKind::Chat,
+        display_name: "Meta Llama 3.1 8B Instruct Turbo",
+        organization: "Meta",
+        license: "Llama-3.1",
+        context_length: 131_072,
+        created: 1_721_692_800,
+        input_price: 0.18,
+        output_price: 0.18,
+    },
+    Model {
+        id: "BAAI/bge-large-en-v1.5",
+        kind: ModelKind::Embedding,
+        display_name: "BAAI-Bge-Large-1.5",
+        organization: "BAAI",
+        license: "mit",
+        context_length: 512,
+        created: 1_695_081_600,
+        input_price: 0.02,
+        output_price: 0.0,
+    },
+    Model {
+        id: "BAAI/bge-base-en-v1.5",
+        kind: ModelKind::Embedding,
+        display_name: "BAAI-Bge-Base-1.5",
+        organization: "BAAI",
+        license: "mit",
+        context_length: 512,
+        created: 1_695_081_600,
+        input_price: 0.008,
+        output_price: 0.0,
+    },
+    Model {
+        id: "black-forest-labs/FLUX.1-schnell",
+        kind: ModelKind::Image,
+        display_name: "FLUX.1 [schnell]",
+        organization: "Black Forest Labs",
+        license: "apache-2.0",
+        context_length: 0,
+        created: 1_722_470_400,
+        input_price: 0.0027,
+        output_price: 0.0,
+    },
+];
+
+/// Looks up a model by its exact id.
+pub(super) fn find(id: &str) -> Option<&'static Model> {
+    CATALOGUE.iter().find(|model| model.id == id)
+}
+
+fn model_json(model: &Model) -> Value {
+    json!({
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "type": model.kind.as_str(),
+        "display_name": model.display_name,
+        "organization": model.organization,
+        "link": format!("https://huggingface.co/{}", model.id),
+        "license": model.license,
+        "context_length": model.context_length,
+        "pricing": {
+            "hourly": 0.0,
+            "input": model.input_price,
+            "output": model.output_price,
+            "base": 0.0,
+            "finetune": 0.0,
+        },
+    })
+}
+
+/// `GET /v1/models`: a bare JSON array, as Together sends it.
+pub(super) async fn list_models() -> Json<Value> {
+    Json(Value::Array(CATALOGUE.iter().map(model_json).collect()))
+}

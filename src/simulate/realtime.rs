@@ -1,0 +1,156 @@
+//! The real-time endpoints: chat completions, text completions, embeddings and image generation.
+//!
+//! Each request first passes its endpoint's rate limiter and is counted in the stats. A rejected
+//! request gets a 429 with `Retry-After`; every answer carries `x-ratelimit-limit`,
+//! `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds). An accepted request then waits the
+//! configured real-time delay before it is answered.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::Shared;
+use super::answers::{self, RequestError};
+use super::error::ApiError;
+use super::limits::{Admission, Endpoint};
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    serve(&shared, Endpoint::Chat, &body, |request| {
+        reject_streaming(request)?;
+        answers::chat_completion(request).map_err(request_error)
+    })
+    .await
+}
+
+/// `POST /v1/completions`.
+pub(super) async fn completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    serve(&shared, Endpoint::Completions, &body, |request| {
+        reject_streaming(request)?;
+        answers::text_completion(request).map_err(request_error)
+    })
+    .await
+}
+
+/// `POST /v1/embeddings`.
+pub(super) async fn embeddings(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    serve(&shared, Endpoint::Embeddings, &body, |request| {
+        let (response, inputs) = answers::embeddings(request).map_err(request_error)?;
+        shared.stats.update(|stats| {
+            stats.embedding_max_inputs = stats.embedding_max_inputs.max(inputs as u64);
+        });
+        Ok(response)
+    })
+    .await
+}
+
+/// `POST /v1/images/generations`.
+pub(super) async fn image_generations(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    serve(&shared, Endpoint::Images, &body, |request| {
+        answers::image_generation(request).map_err(request_error)
+    })
+    .await
+}
+
+/// Applies the rate limit, the stats and the delay, then answers with `answer`.
+async fn serve(
+    shared: &Shared,
+    endpoint: Endpoint,
+    body: &[u8],
+    answer: impl FnOnce(&Value) -> Result<Value, ApiError>,
+) -> Response {
+    let admission = shared.limiters.admit(endpoint);
+    shared.stats.update(|stats| {
+        let path = endpoint.path().to_owned();
+        *stats.realtime_requests.entry(path.clone()).or_default() += 1;
+        if admission.accepted {
+            let max = stats.realtime_max_per_minute.entry(path).or_default();
+            *max = (*max).max(admission.in_window as u64);
+        } else {
+            stats.rate_limited += 1;
+        }
+    });
+
+    let mut response = if admission.accepted {
+        let delay = shared.config.realtime_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match parse_body(body).and_then(|request| answer(&request)) {
+            Ok(value) => Json(value).into_response(),
+            Err(error) => error.into_response(),
+        }
+    } else {
+        tracing::debug!(path = endpoint.path(), "request rate limited");
+        rate_limited(endpoint, &admission).into_response()
+    };
+    add_rate_limit_headers(response.headers_mut(), &admission);
+    response
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(error) => Err(ApiError::bad_request(format!("invalid JSON body: {error}"))),
+    }
+}
+
+fn reject_streaming(request: &Value) -> Result<(), ApiError> {
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(ApiError::bad_request(
+            "the simulator does not support `stream: true`; omit `stream` or set it to false",
+        ));
+    }
+    Ok(())
+}
+
+fn request_error(error: RequestError) -> ApiError {
+    let api_error = ApiError::bad_request(error.message());
+    match error {
+        RequestError::UnknownModel(_) => ApiError {
+            status: StatusCode::NOT_FOUND,
+            ..api_error
+        }
+        .with_code("model_not_available"),
+        RequestError::WrongModelKind { .. } => api_error.with_code("invalid_model"),
+        RequestError::Invalid(_) => api_error,
+    }
+}
+
+fn rate_limited(endpoint: Endpoint, admission: &Admission) -> Response {
+    let retry_after = admission.retry_after_secs();
+    let error = ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        message: format!(
+            "rate limit exceeded: {} accepts {} requests per minute; retry after {retry_after} s",
+            endpoint.path(),
+            admission.limit
+        ),
+        error_type: "rate_limit_exceeded",
+        code: Some("rate_limit_exceeded"),
+    };
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}
+
+fn add_rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
+    let values = [
+        ("x-ratelimit-limit", u64::from(admission.limit)),
+        ("x-ratelimit-remaining", u64::from(admission.remaining)),
+        ("x-ratelimit-reset", admission.reset_secs),
+    ];
+    for (name, value) in values {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
+    }
+}
