@@ -1,6 +1,6 @@
-//! Deterministic answers to inference requests. The real-time routes and the batch runner both
-//! build their response bodies here, so a batch line gets the same answer as the same request sent
-//! in real time (apart from ids and timestamps).
+//! Deterministic response bodies for inference requests. The real-time routes and the batch
+//! runner both build their bodies here, so a batch line gets the same response as the same request
+//! sent in real time (apart from ids and timestamps).
 //!
 //! Token counts are estimates: one token per whitespace-separated word.
 
@@ -16,11 +16,11 @@ use super::models::{self, ModelKind};
 /// Number of components in every vector that [`embedding_vector`] returns.
 pub const EMBEDDING_DIMENSION: usize = 16;
 
-/// Largest `n` an image request may ask for.
+/// Maximum `n` of an image request.
 const MAX_IMAGES_PER_REQUEST: u64 = 4;
 
-/// Returns the simulated chat answer: the message itself, then a tag derived from its SHA-256, so
-/// that a client can match every answer to its request.
+/// Returns the simulated completion text: the message itself, then a tag derived from its
+/// SHA-256, so that a client can match every completion to its request.
 pub fn chat_answer_text(last_user_message: &str) -> String {
     let digest = Sha256::digest(last_user_message.as_bytes());
     format!(
@@ -42,7 +42,7 @@ pub fn embedding_vector(input: &str) -> Vec<f32> {
         .collect()
 }
 
-/// Why a request body cannot be answered.
+/// Reason why a request body gets no response.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum RequestError {
     /// The body is missing a field or a field has the wrong type.
@@ -76,7 +76,7 @@ impl RequestError {
         }
     }
 
-    /// Whether the error is about the `model` field rather than the rest of the body.
+    /// Returns whether the error concerns the `model` field rather than the rest of the body.
     pub fn is_model_error(&self) -> bool {
         !matches!(self, RequestError::Invalid(_))
     }
@@ -132,7 +132,7 @@ pub(super) fn chat_completion(body: &Value) -> Result<Value, RequestError> {
         }
     };
 
-    // The answer echoes the last user message; a conversation without one echoes its last message.
+    // The completion echoes the last user message, or the last message if no user spoke.
     let last_user = messages
         .iter()
         .rev()

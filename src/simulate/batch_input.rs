@@ -1,4 +1,4 @@
-//! Validation of a batch's input file and the answers to its lines.
+//! Validation of a batch's input file and the result lines of its requests.
 //!
 //! A file-level problem (endpoint not batchable, too large, too many lines, a line that is not a
 //! JSON object with a string `custom_id` and an object `body`, a `custom_id` that is too long or
@@ -19,15 +19,16 @@ use super::ids::random_hex;
 /// Endpoints that accept batches.
 pub(super) const BATCHABLE_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
-/// Most requests in one batch, as Together documents.
+/// Maximum number of requests in one batch, from Together's batch overview page
+/// (docs.together.ai/docs/inference/batch/overview).
 pub(super) const MAX_LINES: usize = 50_000;
 
-/// Largest input file, as Together documents.
-// NOTE: Together writes "100 MB" without saying whether it means 10^8 or 2^20 * 100 bytes; the
-// smaller value is used so that a file accepted here is accepted there.
+/// Maximum size of an input file in bytes, from the same page.
+// NOTE: Together writes "100 MB" without saying whether it means 10^8 or 100 * 2^20 bytes. The
+// smaller value is used, so a file accepted here is also accepted there.
 pub(super) const MAX_INPUT_BYTES: usize = 100_000_000;
 
-/// Longest `custom_id`, in characters.
+/// Maximum length of a `custom_id`, in characters.
 pub(super) const MAX_CUSTOM_ID_CHARS: usize = 64;
 
 /// One line of the output file or of the error file, without its newline.
@@ -37,7 +38,7 @@ pub(super) enum LineResult {
     Error(String),
 }
 
-/// Validates `content` as batch input for `endpoint` and answers every line. The results come in
+/// Validates `content` as batch input for `endpoint` and builds every request's result line. The results come in
 /// the order in which the batch finishes them: shuffled by `seed`, and never in input order when
 /// there are three lines or more. An `Err` carries the reason the whole batch fails.
 pub(super) fn prepare(

@@ -1,5 +1,5 @@
 //! `batchd simulate`: runs the simulator as a process. The first line on stdout is the API base
-//! URL, so that a script can start the simulator on port 0 and read where it listens; logs go to
+//! URL, so a script can start the simulator on port 0 and read where it listens. Logs go to
 //! stderr.
 
 use std::io::Write;
@@ -46,7 +46,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_IMAGES_PER_MINUTE)]
     pub images_rpm: u32,
 
-    /// Milliseconds to wait before each real-time answer.
+    /// Milliseconds to wait before each real-time response.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub realtime_delay_ms: u64,
 }

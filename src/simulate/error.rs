@@ -14,8 +14,8 @@ use serde_json::json;
 #[derive(Debug, thiserror::Error)]
 pub enum SimulateError {
     #[error(
-        "refusing to bind the simulator to {addr}: only loopback addresses (127.0.0.0/8 or ::1) \
-         are allowed; listen on 127.0.0.1 instead"
+        "invalid simulator address {addr}: only loopback addresses (127.0.0.0/8 or ::1) are \
+         allowed; listen on 127.0.0.1 instead"
     )]
     NotLoopback { addr: SocketAddr },
 

@@ -1,32 +1,25 @@
-//! The Files API: the official SDKs' two-step upload (`POST /v1/files` without the bytes answers
-//! 302 with a presigned URL, the client `PUT`s the bytes there, then calls `preprocess`), the
-//! one-step `POST /v1/files/upload`, a plain multipart `POST /v1/files` that carries the bytes,
-//! and listing, reading, downloading and deleting files. Errors use the inference error shape.
-//!
-//! A form's optional `checksum` (hex SHA-256) is compared with the files uploaded so far; a match
-//! answers 409 with the existing `file_id`, which the official Python SDK reuses instead of
-//! uploading again.
+//! Stored files and the Files API routes that read them: list, retrieve, download and delete.
+//! Errors use the inference error shape. Uploads are in [`super::uploads`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::multipart::MultipartRejection;
-use axum::extract::{Multipart, Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::Shared;
 use super::error::ApiError;
 use super::ids::uuid_v4;
-use super::{Shared, Store};
 
-/// Largest request body the simulator reads. It is above the 100 MB batch input limit, so that an
-/// oversized input file uploads and then fails batch validation, as it does on Together.
+/// Maximum size of a request body that the simulator reads. It is above the 100 MB batch input
+/// limit, so that an oversized input file uploads and then fails batch validation, as on Together.
 pub(super) const MAX_REQUEST_BYTES: usize = 256 * 1024 * 1024;
 
 /// Purpose of the output and error files that batches write.
@@ -34,19 +27,6 @@ pub(super) const GENERATED_PURPOSE: &str = "batch-generated";
 
 /// Purpose that batch input files must have.
 pub(super) const BATCH_INPUT_PURPOSE: &str = "batch-api";
-
-/// Purposes in Together's OpenAPI spec.
-const PURPOSES: [&str; 7] = [
-    "fine-tune",
-    "eval",
-    "eval-sample",
-    "eval-output",
-    "eval-summary",
-    "batch-generated",
-    "batch-api",
-];
-
-const FILE_TYPES: [&str; 3] = ["jsonl", "parquet", "csv"];
 
 /// Counts the lines that are not blank, which is how batch input is counted too.
 pub(super) fn count_lines(content: &[u8]) -> u64 {
@@ -60,6 +40,7 @@ fn sha256_hex(content: &[u8]) -> String {
     hex::encode(Sha256::digest(content))
 }
 
+/// A client's upload, a two-step upload that waits for its bytes, or a file that a batch wrote.
 pub(super) struct StoredFile {
     pub id: String,
     /// Creation order, for listing.
@@ -70,15 +51,17 @@ pub(super) struct StoredFile {
     created_at: i64,
     /// `None` while a two-step upload waits for its `PUT`.
     pub content: Option<Bytes>,
-    content_sha256: Option<String>,
+    pub content_sha256: Option<String>,
+    /// Non-blank lines of `content`, counted once because listings report it every time.
+    line_count: u64,
     /// The `checksum` the client declared when it started a two-step upload.
-    declared_checksum: Option<String>,
+    pub declared_checksum: Option<String>,
 }
 
 /// The file object, with both the capitalised keys of Together's spec (`Processed`, `FileType`,
 /// `LineCount`) and the `processing_status` of the current Python SDK.
 #[derive(Serialize)]
-struct FileResponse<'a> {
+pub(super) struct FileResponse<'a> {
     id: &'a str,
     object: &'static str,
     created_at: i64,
@@ -95,7 +78,7 @@ struct FileResponse<'a> {
 }
 
 impl StoredFile {
-    fn response(&self) -> FileResponse<'_> {
+    pub fn response(&self) -> FileResponse<'_> {
         let content = self.content.as_deref();
         FileResponse {
             id: &self.id,
@@ -106,7 +89,7 @@ impl StoredFile {
             purpose: &self.purpose,
             processed: content.is_some(),
             file_type: &self.file_type,
-            line_count: content.map_or(0, count_lines),
+            line_count: self.line_count,
             processing_status: if content.is_some() {
                 "COMPLETED"
             } else {
@@ -115,20 +98,21 @@ impl StoredFile {
         }
     }
 
-    fn set_content(&mut self, content: Bytes) {
+    pub fn set_content(&mut self, content: Bytes) {
         self.content_sha256 = Some(sha256_hex(&content));
+        self.line_count = count_lines(&content);
         self.content = Some(content);
     }
 }
 
 #[derive(Default)]
 pub(super) struct FileStore {
-    files: HashMap<String, StoredFile>,
+    pub files: HashMap<String, StoredFile>,
     next_seq: u64,
 }
 
 impl FileStore {
-    fn insert(
+    pub fn insert(
         &mut self,
         filename: String,
         purpose: String,
@@ -146,6 +130,7 @@ impl FileStore {
             created_at: Utc::now().timestamp(),
             content: None,
             content_sha256: None,
+            line_count: 0,
             declared_checksum,
         };
         if let Some(content) = content {
@@ -173,244 +158,17 @@ impl FileStore {
 
     /// Finds a client-uploaded file whose content has this SHA-256. Batch output is left out
     /// because no client uploaded it.
-    fn find_uploaded(&self, checksum: &str) -> Option<&StoredFile> {
+    pub fn find_uploaded(&self, checksum: &str) -> Option<&StoredFile> {
         self.files.values().find(|file| {
             file.purpose != GENERATED_PURPOSE && file.content_sha256.as_deref() == Some(checksum)
         })
     }
 }
 
-/// The parts of a multipart upload form.
-struct UploadForm {
-    fields: HashMap<String, String>,
-    /// The `file` part: its file name, if any, and its bytes.
-    file: Option<(Option<String>, Bytes)>,
-}
-
-impl UploadForm {
-    async fn read(multipart: Result<Multipart, MultipartRejection>) -> Result<Self, ApiError> {
-        let invalid = |error: &dyn std::fmt::Display| {
-            ApiError::bad_request(format!("invalid multipart form: {error}"))
-        };
-        let mut multipart = multipart.map_err(|error| invalid(&error))?;
-        let mut form = UploadForm {
-            fields: HashMap::new(),
-            file: None,
-        };
-        while let Some(field) = multipart
-            .next_field()
-            .await
-            .map_err(|error| invalid(&error))?
-        {
-            let name = field.name().unwrap_or_default().to_owned();
-            if name == "file" {
-                let file_name = field.file_name().map(str::to_owned);
-                let bytes = field.bytes().await.map_err(|error| invalid(&error))?;
-                form.file = Some((file_name, bytes));
-            } else {
-                let text = field.text().await.map_err(|error| invalid(&error))?;
-                form.fields.insert(name, text);
-            }
-        }
-        Ok(form)
-    }
-
-    /// Returns a text field, treating an empty one as absent.
-    fn field(&self, name: &str) -> Option<&str> {
-        self.fields
-            .get(name)
-            .map(|value| value.trim())
-            .filter(|value| !value.is_empty())
-    }
-
-    fn purpose(&self) -> Result<String, ApiError> {
-        let purpose = self.field("purpose").ok_or_else(|| {
-            ApiError::bad_request("missing form field `purpose`; batch input files use `batch-api`")
-        })?;
-        if !PURPOSES.contains(&purpose) {
-            return Err(ApiError::bad_request(format!(
-                "invalid purpose `{purpose}`: expected one of {}",
-                PURPOSES.join(", ")
-            )));
-        }
-        Ok(purpose.to_owned())
-    }
-
-    fn file_type(&self) -> Result<String, ApiError> {
-        let file_type = self.field("file_type").unwrap_or("jsonl");
-        if !FILE_TYPES.contains(&file_type) {
-            return Err(ApiError::bad_request(format!(
-                "invalid file_type `{file_type}`: expected one of {}",
-                FILE_TYPES.join(", ")
-            )));
-        }
-        Ok(file_type.to_owned())
-    }
-
-    /// Returns the `file_name` field, or else the file name of the `file` part.
-    fn file_name(&self) -> Result<String, ApiError> {
-        let part_name = self.file.as_ref().and_then(|(name, _)| name.as_deref());
-        self.field("file_name")
-            .or(part_name)
-            .map(str::to_owned)
-            .ok_or_else(|| ApiError::bad_request("missing form field `file_name`"))
-    }
-
-    /// Returns the `checksum` field in lowercase, after checking that it is a hex SHA-256.
-    fn checksum(&self) -> Result<Option<String>, ApiError> {
-        let Some(checksum) = self.field("checksum") else {
-            return Ok(None);
-        };
-        if checksum.len() != 64 || !checksum.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-            return Err(ApiError::bad_request(format!(
-                "invalid checksum `{checksum}`: expected the SHA-256 of the file as 64 hex digits"
-            )));
-        }
-        Ok(Some(checksum.to_ascii_lowercase()))
-    }
-}
-
-/// The 409 that tells the official SDK to reuse `file_id` instead of uploading again.
-fn already_uploaded(file_id: &str, checksum: &str) -> Response {
-    let body = json!({
-        "file_id": file_id,
-        "error": {
-            "message": format!("a file with checksum {checksum} already exists: {file_id}; reuse it"),
-            "type": "invalid_request_error",
-            "param": "checksum",
-            "code": "file_already_exists",
-        },
-    });
-    (StatusCode::CONFLICT, Json(body)).into_response()
-}
-
-fn not_found(file_id: &str) -> ApiError {
+pub(super) fn not_found(file_id: &str) -> ApiError {
     ApiError::not_found(format!(
         "file {file_id} not found; GET /v1/files lists the existing files"
     ))
-}
-
-/// Stores a form that carries the bytes and returns the file object.
-fn store_uploaded(
-    shared: &Shared,
-    store: &mut Store,
-    form: UploadForm,
-    purpose: String,
-    file_type: String,
-) -> Result<Response, ApiError> {
-    let filename = form.file_name()?;
-    let Some((_, content)) = form.file else {
-        return Err(ApiError::bad_request(
-            "missing form part `file` with the file's bytes",
-        ));
-    };
-    let file = store
-        .files
-        .insert(filename, purpose, file_type, Some(content), None);
-    tracing::debug!(file_id = file.id, "file uploaded");
-    shared.stats.update(|stats| stats.files_uploaded += 1);
-    Ok(Json(file.response()).into_response())
-}
-
-/// `POST /v1/files`: the SDK's first upload step when the form has no `file` part, or a one-step
-/// upload when it has one.
-pub(super) async fn create_file(
-    State(shared): State<Arc<Shared>>,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> Result<Response, ApiError> {
-    let form = UploadForm::read(multipart).await?;
-    let purpose = form.purpose()?;
-    let file_type = form.file_type()?;
-    let checksum = form.checksum()?;
-
-    let mut store = shared.current_store();
-    if let Some(checksum) = &checksum {
-        if let Some(existing) = store.files.find_uploaded(checksum) {
-            return Ok(already_uploaded(&existing.id, checksum));
-        }
-    }
-    if form.file.is_some() {
-        return store_uploaded(&shared, &mut store, form, purpose, file_type);
-    }
-
-    let filename = form.file_name()?;
-    let file = store
-        .files
-        .insert(filename, purpose, file_type, None, checksum);
-    let location = format!("{}/_sim/uploads/{}", shared.origin, file.id);
-    let headers = [
-        (header::LOCATION, header_value(&location)),
-        (
-            header::HeaderName::from_static("x-together-file-id"),
-            header_value(&file.id),
-        ),
-    ];
-    Ok((StatusCode::FOUND, headers).into_response())
-}
-
-fn header_value(text: &str) -> HeaderValue {
-    HeaderValue::from_str(text).expect("ids and loopback URLs are valid header values")
-}
-
-/// `POST /v1/files/upload`: one-step upload with `purpose`, `file_name`, `file` and an optional
-/// `file_type`.
-pub(super) async fn upload_file(
-    State(shared): State<Arc<Shared>>,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> Result<Response, ApiError> {
-    let form = UploadForm::read(multipart).await?;
-    let purpose = form.purpose()?;
-    let file_type = form.file_type()?;
-    let mut store = shared.current_store();
-    store_uploaded(&shared, &mut store, form, purpose, file_type)
-}
-
-/// `PUT /_sim/uploads/{file_id}`: the presigned URL of a two-step upload. Like a presigned URL it
-/// needs no API key. A second `PUT` replaces the content.
-pub(super) async fn put_upload(
-    State(shared): State<Arc<Shared>>,
-    Path(file_id): Path<String>,
-    content: Bytes,
-) -> Result<StatusCode, ApiError> {
-    let mut store = shared.current_store();
-    let file = store
-        .files
-        .files
-        .get_mut(&file_id)
-        .ok_or_else(|| not_found(&file_id))?;
-    let first_upload = file.content.is_none();
-    file.set_content(content);
-    if first_upload {
-        shared.stats.update(|stats| stats.files_uploaded += 1);
-    }
-    tracing::debug!(file_id, "file content received");
-    Ok(StatusCode::OK)
-}
-
-/// `POST /v1/files/{file_id}/preprocess`: the last upload step, which returns the file object.
-pub(super) async fn preprocess(
-    State(shared): State<Arc<Shared>>,
-    Path(file_id): Path<String>,
-) -> Result<Response, ApiError> {
-    let store = shared.current_store();
-    let file = store
-        .files
-        .get(&file_id)
-        .ok_or_else(|| not_found(&file_id))?;
-    let Some(actual) = &file.content_sha256 else {
-        return Err(ApiError::bad_request(format!(
-            "file {file_id} has no content yet; PUT its bytes to the upload URL first"
-        )));
-    };
-    if let Some(declared) = &file.declared_checksum {
-        if declared != actual {
-            return Err(ApiError::bad_request(format!(
-                "checksum mismatch for file {file_id}: the form declared {declared} but the \
-                 uploaded bytes have SHA-256 {actual}; upload the file again"
-            )));
-        }
-    }
-    Ok(Json(file.response()).into_response())
 }
 
 /// `GET /v1/files`, oldest first.

@@ -56,7 +56,7 @@ pub(super) struct Admission {
     pub limit: u32,
     pub remaining: u32,
     /// Whole seconds, rounded up, until the oldest request in the window leaves it and frees a
-    /// slot; the full window when the limit is 0, and 0 when the window is empty.
+    /// slot. It is the full window when the limit is 0, and 0 when the window is empty.
     pub reset_secs: u64,
     /// Accepted requests in the window ending now, this one included when it was accepted.
     pub in_window: usize,
@@ -120,8 +120,8 @@ fn ceil_secs(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
-/// One [`SlidingWindow`] per endpoint, behind one lock so that every decision sees the time order
-/// in which requests took the lock.
+/// One [`SlidingWindow`] per endpoint, behind one lock, so that requests are decided in the order
+/// in which they took the lock.
 #[derive(Debug)]
 pub(super) struct Limiters {
     windows: Mutex<BTreeMap<Endpoint, SlidingWindow>>,
@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(admission.retry_after_secs(), 60);
     }
 
-    /// Largest number of timestamps inside any half-open window (end - WINDOW, end], by brute
+    /// Returns the maximum number of timestamps inside any half-open window (end - WINDOW, end], by brute
     /// force over every window that ends on a timestamp.
     fn brute_force_max(times: &[u64]) -> usize {
         times

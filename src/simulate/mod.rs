@@ -2,7 +2,7 @@
 //! the real-time chat, completion, embedding and image endpoints, and the model list. Tests,
 //! benchmarks and the demo run the daemon against it instead of the real service.
 //!
-//! It binds loopback addresses only. Answers are deterministic functions of the request
+//! It binds loopback addresses only. Responses are deterministic functions of the request
 //! ([`chat_answer_text`], [`embedding_vector`]), so a test can check every result it gets back.
 //! Batch jobs need no background task: a job's status is computed from the time since its
 //! creation whenever a client asks, and its output and error files are written the first time it
@@ -18,10 +18,12 @@ mod cli;
 mod error;
 mod files;
 mod ids;
+mod jobs;
 mod limits;
 mod models;
 mod realtime;
 mod stats;
+mod uploads;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,7 +66,7 @@ pub struct SimConfig {
     pub seed: u64,
     /// Requests per minute accepted by each real-time endpoint.
     pub limits: RateLimits,
-    /// Extra latency before each real-time answer, so that tests can hold calls in flight.
+    /// Extra latency before each real-time response, so that tests can hold calls in flight.
     pub realtime_delay: Duration,
 }
 
@@ -114,12 +116,12 @@ struct Shared {
 #[derive(Default)]
 struct Store {
     files: files::FileStore,
-    batches: batches::BatchStore,
+    batches: jobs::BatchStore,
 }
 
 impl Shared {
     /// Locks the store after bringing every batch up to date with the current time, so that a
-    /// handler sees the files and statuses that exist now.
+    /// handler reads the files and statuses that exist now.
     fn current_store(&self) -> MutexGuard<'_, Store> {
         let mut store = self.store.lock().expect("store lock poisoned");
         let Store { files, batches } = &mut *store;
@@ -184,14 +186,17 @@ impl Simulator {
 
 fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
-        .route("/v1/files", get(files::list_files).post(files::create_file))
-        .route("/v1/files/upload", post(files::upload_file))
+        .route(
+            "/v1/files",
+            get(files::list_files).post(uploads::create_file),
+        )
+        .route("/v1/files/upload", post(uploads::upload_file))
         .route(
             "/v1/files/{file_id}",
             get(files::get_file).delete(files::delete_file),
         )
         .route("/v1/files/{file_id}/content", get(files::get_content))
-        .route("/v1/files/{file_id}/preprocess", post(files::preprocess))
+        .route("/v1/files/{file_id}/preprocess", post(uploads::preprocess))
         .route(
             "/v1/batches",
             get(batches::list_batches).post(batches::create_batch),
@@ -207,7 +212,7 @@ fn router(shared: Arc<Shared>) -> Router {
 
     Router::new()
         .merge(api)
-        .route("/_sim/uploads/{file_id}", put(files::put_upload))
+        .route("/_sim/uploads/{file_id}", put(uploads::put_upload))
         .route("/_sim/stats", get(stats::get_stats))
         .fallback(unknown_route)
         .layer(middleware::from_fn(log_request))

@@ -1,11 +1,11 @@
 //! The model catalogue that `GET /v1/models` returns and that every request's `model` is checked
-//! against. The entries are real Together model ids; prices, context lengths and `created` times
-//! are approximations of Together's published values, good enough for a client to parse.
+//! against. The entries are real Together model ids. Their prices, context lengths and `created`
+//! times are approximations of Together's published values, for clients to parse.
 
 use axum::Json;
 use serde_json::{Value, json};
 
-/// What a model serves, as the `type` field of `GET /v1/models` names it.
+/// Kind of request a model serves, as the `type` field of `GET /v1/models` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ModelKind {
     Chat,
@@ -36,8 +36,7 @@ pub(super) struct Model {
     output_price: f64,
 }
 
-// NOTE: prices and dates are estimates from Together's public model pages; no client should rely
-// on them beyond their types.
+// NOTE: prices and dates are estimates, so a client should rely on their types only.
 const CATALOGUE: &[Model] = &[
     Model {
         id: "meta-llama/Llama-3.3-70B-Instruct-Turbo",

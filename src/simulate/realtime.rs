@@ -1,7 +1,7 @@
 //! The real-time endpoints: chat completions, text completions, embeddings and image generation.
 //!
 //! Each request first passes its endpoint's rate limiter and is counted in the stats. A rejected
-//! request gets a 429 with `Retry-After`; every answer carries `x-ratelimit-limit`,
+//! request gets a 429 with `Retry-After`; every response carries `x-ratelimit-limit`,
 //! `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds). An accepted request then waits the
 //! configured real-time delay before it is answered.
 
@@ -57,12 +57,13 @@ pub(super) async fn image_generations(State(shared): State<Arc<Shared>>, body: B
     .await
 }
 
-/// Applies the rate limit, the stats and the delay, then answers with `answer`.
+/// Applies the rate limit, the stats and the delay, then responds with the body that
+/// `build_body` returns.
 async fn serve(
     shared: &Shared,
     endpoint: Endpoint,
     body: &[u8],
-    answer: impl FnOnce(&Value) -> Result<Value, ApiError>,
+    build_body: impl FnOnce(&Value) -> Result<Value, ApiError>,
 ) -> Response {
     let admission = shared.limiters.admit(endpoint);
     shared.stats.update(|stats| {
@@ -81,7 +82,7 @@ async fn serve(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        match parse_body(body).and_then(|request| answer(&request)) {
+        match parse_body(body).and_then(|request| build_body(&request)) {
             Ok(value) => Json(value).into_response(),
             Err(error) => error.into_response(),
         }

@@ -18,9 +18,9 @@ use super::limits::Endpoint;
 pub struct SimStats {
     /// Batches accepted by `POST /v1/batches`.
     pub batches_created: u64,
-    /// Largest line count of the input file of any created batch.
+    /// Maximum line count of the input file of any created batch.
     pub max_batch_lines: u64,
-    /// Largest number of batches that were created but not yet terminal, measured at each create
+    /// Maximum number of batches that were created but not yet terminal, measured at each create
     /// and counting the new batch.
     pub max_batches_in_flight: u64,
     /// Sum of the input line counts of all created batches.
@@ -29,11 +29,11 @@ pub struct SimStats {
     pub files_uploaded: u64,
     /// Requests received per real-time endpoint after authentication, rejected ones included.
     pub realtime_requests: BTreeMap<String, u64>,
-    /// Largest number of accepted requests inside any 60-second window, per real-time endpoint.
+    /// Maximum number of accepted requests inside any 60-second window, per real-time endpoint.
     pub realtime_max_per_minute: BTreeMap<String, u64>,
-    /// Requests answered with 429, over all endpoints.
+    /// Requests rejected with 429, over all endpoints.
     pub rate_limited: u64,
-    /// Largest number of inputs in one embeddings request; a single string counts as one.
+    /// Maximum number of inputs in one embeddings request; a single string counts as one.
     pub embedding_max_inputs: u64,
 }
 
