@@ -302,6 +302,17 @@ async fn one_step_uploads_return_file() {
     let file_id = sim.upload("one.jsonl", &content).await;
     assert_eq!(sim.content(&file_id).await, content);
 
+    // Only a two-step upload has a presigned URL, so this file's content cannot be replaced.
+    let put = sim
+        .client
+        .put(format!("{}/_sim/uploads/{file_id}", sim.origin()))
+        .body("{}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(sim.content(&file_id).await, content);
+
     // A plain multipart POST /v1/files with a `file` part also returns the file object.
     let form = Form::new().text("purpose", "batch-api").part(
         "file",
@@ -333,7 +344,7 @@ async fn one_step_uploads_return_file() {
 }
 
 #[tokio::test]
-async fn repeated_checksum_answers_409() {
+async fn repeated_checksum_returns_409() {
     let sim = TestSim::quick().await;
     let content = jsonl(&[chat_line("a", CHAT_MODEL, "one")]);
     let file_id = sim.upload("one.jsonl", &content).await;
@@ -466,6 +477,37 @@ async fn batch_completes_with_shuffled_output() {
 }
 
 #[tokio::test]
+async fn example_file_batch_returns_every_line() {
+    let sim = TestSim::quick().await;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/gsm8k-test-chat.jsonl"
+    );
+    let content = std::fs::read_to_string(path).unwrap();
+    let mut input_ids: Vec<String> = parse_lines(&content)
+        .iter()
+        .map(|line| line["custom_id"].as_str().unwrap().to_owned())
+        .collect();
+    let input_file_id = sim.upload("gsm8k-test-chat.jsonl", &content).await;
+
+    let job = sim.create_batch(&input_file_id).await;
+    let job = sim.wait_for_end(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "COMPLETED");
+    assert!(job.get("error_file_id").is_none(), "{job}");
+
+    let output = parse_lines(&sim.content(job["output_file_id"].as_str().unwrap()).await);
+    let mut output_ids: Vec<String> = output
+        .iter()
+        .map(|line| line["custom_id"].as_str().unwrap().to_owned())
+        .collect();
+    output_ids.sort();
+    input_ids.sort();
+    assert_eq!(output_ids.len(), 1319);
+    assert_eq!(output_ids, input_ids);
+    assert_eq!(sim.stats.snapshot().max_batch_lines, 1319);
+}
+
+#[tokio::test]
 async fn repeated_custom_id_fails_batch() {
     let sim = TestSim::quick().await;
     let lines = [
@@ -560,7 +602,7 @@ async fn batches_list_as_bare_array() {
 }
 
 #[tokio::test]
-async fn chat_answer_echoes_question() {
+async fn chat_completion_echoes_question() {
     let sim = TestSim::quick().await;
     let body = json!({
         "model": CHAT_MODEL,
@@ -726,7 +768,7 @@ async fn models_list_the_catalogue() {
 }
 
 #[tokio::test]
-async fn rate_limit_answers_429() {
+async fn rate_limit_returns_429() {
     let sim = TestSim::start(SimConfig {
         limits: RateLimits {
             chat_per_minute: 3,

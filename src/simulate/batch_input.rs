@@ -1,10 +1,13 @@
 //! Validation of a batch's input file and the result lines of its requests.
 //!
-//! A file-level problem (endpoint not batchable, too large, too many lines, a line that is not a
-//! JSON object with a string `custom_id` and an object `body`, a `custom_id` that is too long or
-//! repeated) fails the whole batch with one message. A line whose request cannot be answered
-//! (unknown model, missing `messages`) goes to the error file instead, and the other lines are
-//! still answered.
+//! These file-level problems fail the whole batch with one message:
+//! - an endpoint that does not accept batches,
+//! - a file over 100 MB or over 50,000 requests,
+//! - a line that is not a JSON object with a string `custom_id` and an object `body`,
+//! - a `custom_id` over 64 characters, or one used twice.
+//!
+//! A line whose request has no valid response (unknown model, missing `messages`) goes to the
+//! error file instead, and the other lines still get their results.
 
 use std::collections::HashMap;
 

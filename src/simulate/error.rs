@@ -78,6 +78,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        tracing::debug!(
+            status = self.status.as_u16(),
+            error = self.message,
+            "request failed"
+        );
         let body = json!({
             "error": {
                 "message": self.message,
@@ -115,6 +120,11 @@ impl BatchError {
 
 impl IntoResponse for BatchError {
     fn into_response(self) -> Response {
+        tracing::debug!(
+            status = self.status.as_u16(),
+            error = self.message,
+            "request failed"
+        );
         (self.status, Json(json!({ "error": self.message }))).into_response()
     }
 }

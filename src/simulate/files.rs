@@ -56,6 +56,9 @@ pub(super) struct StoredFile {
     line_count: u64,
     /// The `checksum` the client declared when it started a two-step upload.
     pub declared_checksum: Option<String>,
+    /// Whether the file came from the first step of a two-step upload, which gives it a
+    /// presigned URL that takes its bytes.
+    pub has_upload_url: bool,
 }
 
 /// The file object, with both the capitalised keys of Together's spec (`Processed`, `FileType`,
@@ -131,6 +134,7 @@ impl FileStore {
             content: None,
             content_sha256: None,
             line_count: 0,
+            has_upload_url: content.is_none(),
             declared_checksum,
         };
         if let Some(content) = content {

@@ -26,6 +26,7 @@ const JOB_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 /// The simulator has a single user.
 const USER_ID: &str = "user-simulator";
 
+/// Status of a batch job, sent in UPPER_SNAKE case as Together spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Validating,
@@ -66,13 +67,16 @@ struct Outcome {
     error: Option<String>,
 }
 
+/// One batch job.
 pub(super) struct Batch {
     pub id: String,
     input_file_id: String,
     file_size_bytes: u64,
     endpoint: String,
     model_id: Option<String>,
+    /// Wall-clock creation time, for the RFC 3339 fields.
     created_at: DateTime<Utc>,
+    /// Monotonic creation time, from which the job's state is computed.
     created: Instant,
     /// The result lines in the order the job finishes them, or the reason the whole job fails.
     results: Result<Vec<LineResult>, String>,
@@ -236,7 +240,8 @@ impl Batch {
         Ok(())
     }
 
-    /// Returns the job object as it is at `now`, after [`Batch::refresh`] at the same `now`.
+    /// Returns the job object at `now`. Callers first bring the job up to date at the same `now`,
+    /// so that a job past its end is reported terminal.
     pub fn job(&self, now: Instant, turnaround: Duration) -> BatchJob<'_> {
         let elapsed = now.saturating_duration_since(self.created);
         let (status, progress) = match &self.outcome {

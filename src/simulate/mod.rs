@@ -4,9 +4,9 @@
 //!
 //! It binds loopback addresses only. Responses are deterministic functions of the request
 //! ([`chat_answer_text`], [`embedding_vector`]), so a test can check every result it gets back.
-//! Batch jobs need no background task: a job's status is computed from the time since its
-//! creation whenever a client asks, and its output and error files are written the first time it
-//! is seen terminal. Everything lives in memory and is lost when the simulator stops.
+//! Batch jobs need no background task. A job's status is computed from the time since its
+//! creation on every request that reads it, and its output and error files are written the first
+//! time it is found terminal. Everything lives in memory and is lost when the simulator stops.
 //!
 //! Routes outside Together's API: `PUT /_sim/uploads/{file_id}` is the presigned upload URL of
 //! the two-step file upload, and `GET /_sim/stats` returns [`SimStats`].

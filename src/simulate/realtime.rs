@@ -1,9 +1,9 @@
 //! The real-time endpoints: chat completions, text completions, embeddings and image generation.
 //!
 //! Each request first passes its endpoint's rate limiter and is counted in the stats. A rejected
-//! request gets a 429 with `Retry-After`; every response carries `x-ratelimit-limit`,
+//! request gets a 429 with `Retry-After`, and every response carries `x-ratelimit-limit`,
 //! `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds). An accepted request then waits the
-//! configured real-time delay before it is answered.
+//! configured real-time delay before its response is built.
 
 use std::sync::Arc;
 
@@ -87,7 +87,6 @@ async fn serve(
             Err(error) => error.into_response(),
         }
     } else {
-        tracing::debug!(path = endpoint.path(), "request rate limited");
         rate_limited(endpoint, &admission).into_response()
     };
     add_rate_limit_headers(response.headers_mut(), &admission);

@@ -216,7 +216,8 @@ pub(super) async fn upload_file(
 }
 
 /// `PUT /_sim/uploads/{file_id}`: the presigned URL of a two-step upload. Like a presigned URL it
-/// needs no API key. A second `PUT` replaces the content.
+/// needs no API key. A second `PUT` replaces the content; files uploaded in one step or written by
+/// a batch have no such URL.
 pub(super) async fn put_upload(
     State(shared): State<Arc<Shared>>,
     Path(file_id): Path<String>,
@@ -228,6 +229,12 @@ pub(super) async fn put_upload(
         .files
         .get_mut(&file_id)
         .ok_or_else(|| not_found(&file_id))?;
+    if !file.has_upload_url {
+        return Err(ApiError::bad_request(format!(
+            "file {file_id} has no upload URL because it was not created by a two-step upload; \
+             start one with POST /v1/files without a `file` part"
+        )));
+    }
     let first_upload = file.content.is_none();
     file.set_content(content);
     if first_upload {
