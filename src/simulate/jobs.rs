@@ -79,6 +79,7 @@ pub(super) struct Batch {
     /// Monotonic creation time, from which the job's state is computed.
     created: Instant,
     /// The result lines in the order the job finishes them, or the reason the whole job fails.
+    /// The lines move into the output and error files when the job ends.
     results: Result<Vec<LineResult>, String>,
     /// `None` until the job is terminal.
     outcome: Option<Outcome>,
@@ -182,7 +183,9 @@ impl Batch {
 
     /// Makes the job terminal, writing the output and error files of the finished lines.
     fn finish(&mut self, status: Status, after: Duration, share: f64, files: &mut FileStore) {
-        let results = self.results.as_deref().unwrap_or_default();
+        // Taking the lines out keeps one copy of them, the one in the files.
+        let results = std::mem::replace(&mut self.results, Ok(Vec::new()));
+        let results = results.as_deref().unwrap_or_default();
         let finished = if share >= 1.0 {
             results.len()
         } else {
