@@ -102,7 +102,7 @@ pub struct IngestConfig {
     pub settle: Duration,
     /// Full rescans of the inbox, in case a filesystem event was missed.
     pub rescan_interval: Duration,
-    /// Longest input line accepted; longer lines are reported and skipped.
+    /// Maximum input line length in bytes. Longer lines are reported and skipped.
     pub max_line_bytes: usize,
 }
 
@@ -133,7 +133,7 @@ pub struct RealtimeConfig {
     pub lease: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// Longest wait obeyed from a `Retry-After` style header.
+    /// Maximum wait obeyed from a `Retry-After` style header.
     pub max_retry_wait: Duration,
 }
 

@@ -24,7 +24,7 @@ pub struct Packer {
     packed: Signal,
 }
 
-/// What one packing pass did.
+/// The counts of one packing pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PackPass {
     pub batches: u64,

@@ -1,5 +1,5 @@
-//! Writing outcomes: each real-time answer, and each harvested batch job, is written with the
-//! state changes it causes in one transaction. Writes are guarded by the state they expect, so
+//! Writing outcomes: each real-time response, and each harvested batch job, is written with
+//! the state changes it causes in one transaction. Writes are guarded by the state they expect, so
 //! writing the same job's results twice changes nothing.
 
 use std::time::Duration;
@@ -45,7 +45,7 @@ pub struct Harvest {
     pub first: bool,
 }
 
-/// Writes a real-time answer for one in-flight item.
+/// Writes a successful real-time response for one in-flight item.
 pub async fn record_answer(
     store: &Store,
     item_id: i64,
@@ -92,7 +92,7 @@ pub async fn record_local_failure(
     .await
 }
 
-/// What happened to an item after a failed real-time call.
+/// The state of an item after a failed real-time call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterFailure {
     Requeued,
@@ -253,7 +253,7 @@ async fn write_line(
             )
             .await;
         }
-        let message = format!("provider answered HTTP {status}: {body}");
+        let message = format!("provider returned HTTP {status}: {body}");
         if status == 429 || status == 408 || status >= 500 {
             counts.requeued += 1;
             return outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await;
@@ -313,8 +313,8 @@ pub async fn abandon_batch(
 ) -> Result<(u64, u64), StoreError> {
     let now = timestamp(Utc::now());
     let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
-    // Items of a batch that never reached the provider are still `packed`; settle them the
-    // same way as items a finished job did not answer.
+    // Items of a batch that never reached the provider are still `packed`. They are settled
+    // the same way as items without a result line in a finished job.
     sqlx::query(
         "UPDATE work_items SET state = 'submitted' WHERE batch_id = ?1 AND state = 'packed'",
     )

@@ -157,7 +157,7 @@ impl Submitter {
                 }
                 BatchState::Creating => {
                     let file_id = input_file_id.clone().unwrap_or_default();
-                    // The create call may have taken effect without its answer being stored.
+                    // The create call may have taken effect before its response was stored.
                     let existing = self
                         .provider
                         .list_batches()

@@ -44,7 +44,7 @@ pub struct Report {
     pub duplicate_of: Option<String>,
 }
 
-/// What happened to a file.
+/// The outcome of ingesting a file: its report and where it was moved.
 #[derive(Debug, Clone)]
 pub struct Ingested {
     pub report: Report,

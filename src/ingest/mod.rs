@@ -114,7 +114,7 @@ impl Intake {
     pub fn watch(&self) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), IngestError> {
         let (tx, rx) = mpsc::channel(1);
         let mut watcher = notify::recommended_watcher(move |_event| {
-            // A full channel already holds a wake-up, so dropping this one loses nothing.
+            // A full channel already contains a wake-up, so dropping this one loses nothing.
             let _ = tx.try_send(());
         })
         .map_err(|source| IngestError::Watch {

@@ -293,10 +293,8 @@ mod tests {
         let r = reason(
             r#"{"custom_id": "a", "url": "/v1/responses", "body": {"model": "m", "input": "x"}}"#,
         );
-        assert!(
-            r.contains("/v1/responses") && r.contains("/v1/chat/completions"),
-            "{r}"
-        );
+        assert!(r.contains("/v1/responses"), "{r}");
+        assert!(r.contains("/v1/chat/completions"), "{r}");
     }
 
     #[test]
@@ -329,7 +327,8 @@ mod tests {
     #[test]
     fn gemini_line_names_expected_format() {
         let r = reason(r#"{"key": "k1", "request": {"contents": []}}"#);
-        assert!(r.contains("Gemini") && r.contains("custom_id"), "{r}");
+        assert!(r.contains("Gemini"), "{r}");
+        assert!(r.contains("custom_id"), "{r}");
     }
 
     #[test]

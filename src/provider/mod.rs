@@ -15,10 +15,10 @@ use sha2::{Digest, Sha256};
 use crate::config::ProviderConfig;
 pub use types::{BatchJob, BatchStatus, FileObject, ResultLine};
 
-/// How a failed call may be retried.
+/// The retry class of a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// 429: wait as the server asks, and slow the whole endpoint.
+    /// 429: wait as long as the server requests, and slow the whole endpoint.
     RateLimited,
     /// 5xx, 408, timeouts, dropped connections: back off and retry.
     Retryable,
@@ -72,7 +72,7 @@ impl ProviderError {
     }
 }
 
-/// A successful real-time answer.
+/// A successful real-time response.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
@@ -212,7 +212,7 @@ impl Provider {
     }
 
     /// Uploads a batch input file the way the official SDK does: a multipart form without the
-    /// bytes answered by a 302 to a presigned URL, a PUT of the bytes there, then preprocess.
+    /// bytes, which returns a 302 to a presigned URL, a PUT of the bytes there, then preprocess.
     /// A 409 means the same content is stored already; its file id is reused.
     pub async fn upload_batch_file(
         &self,

@@ -1,6 +1,6 @@
 //! Per-endpoint request rate limits.
 //!
-//! Each endpoint gets a GCRA limiter (`governor`) sized so that no 60-second window holds more
+//! Each endpoint gets a GCRA limiter (`governor`) sized so that no 60-second window contains more
 //! requests than the configured per-minute rate: a small burst of one second's worth, and the
 //! rest spread evenly. The provider enforces its limits per second internally, so a full
 //! minute's burst at once would be refused anyway. A 429 pauses the whole endpoint for the
@@ -128,14 +128,14 @@ mod tests {
                 limiter.acquire().await;
                 times.push(origin.elapsed());
             }
-            let most = max_in_window(&times, Duration::from_secs(60));
+            let max_count = max_in_window(&times, Duration::from_secs(60));
             assert!(
-                most <= rate as usize,
-                "rate {rate}: {most} requests in one minute"
+                max_count <= rate as usize,
+                "rate {rate}: {max_count} requests in one minute"
             );
             assert!(
-                most + 2 >= rate as usize,
-                "rate {rate}: only {most} requests in one minute"
+                max_count + 2 >= rate as usize,
+                "rate {rate}: only {max_count} requests in one minute"
             );
         }
     }

@@ -156,7 +156,7 @@ impl Realtime {
             }
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    // Never sent: the lease expiry would return them, but say so now.
+                    // Never sent, so return them now instead of waiting for the lease to expire.
                     self.release(&items).await;
                     return;
                 }
@@ -286,8 +286,8 @@ fn build_request(items: &[ClaimedItem]) -> Result<Value, serde_json::Error> {
     Ok(first)
 }
 
-/// Splits a coalesced embeddings answer into one answer per input, in input order, by the
-/// `index` of each vector. An input the answer lacks gets an empty `data` list.
+/// Splits a coalesced embeddings response into one response per input, in input order, by
+/// the `index` of each vector. An input missing from the response gets an empty `data` list.
 fn split_embeddings(body: &Value, count: usize) -> Vec<Value> {
     let mut per_input: Vec<Vec<Value>> = vec![Vec::new(); count];
     for entry in body["data"].as_array().into_iter().flatten() {
@@ -302,7 +302,7 @@ fn split_embeddings(body: &Value, count: usize) -> Vec<Value> {
         }
     }
     // NOTE: usage belongs to the whole coalesced request and cannot be split per input, so
-    // each item's answer carries none.
+    // each item's response carries none.
     per_input
         .into_iter()
         .map(|data| {

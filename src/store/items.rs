@@ -128,7 +128,7 @@ impl Usage {
     }
 }
 
-/// How an item ended, as written to its row.
+/// The outcome of an item, as written to its row.
 #[derive(Debug, Clone, Copy)]
 pub struct ItemOutcome<'a> {
     pub state: ItemState,
