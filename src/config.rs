@@ -4,6 +4,7 @@
 //! checked and converted (seconds to [`Duration`], paths resolved). Every invalid value is
 //! reported at once, each naming its key, so an operator fixes a file in one pass.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -104,6 +105,10 @@ pub struct IngestConfig {
     pub rescan_interval: Duration,
     /// Maximum input line length in bytes. Longer lines are reported and skipped.
     pub max_line_bytes: usize,
+    /// Fail items at ingest whose model is not in the provider's catalogue.
+    pub check_models: bool,
+    /// How often the model catalogue is fetched again.
+    pub models_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +123,12 @@ pub struct BatchConfig {
     pub max_attempts: u32,
     /// Items whose deadline is closer than this take the real-time path.
     pub deadline_margin: Duration,
+    /// A job older than this is cancelled and harvested as it stands, whatever its status.
+    pub max_job_age: Duration,
+    /// After a job fails for capacity, no job for its model is created for this long.
+    pub capacity_cooldown: Duration,
+    /// Create calls tried for one uploaded file before its items go back to the queue.
+    pub max_create_attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +146,16 @@ pub struct RealtimeConfig {
     pub backoff_max: Duration,
     /// Maximum wait obeyed from a `Retry-After` style header.
     pub max_retry_wait: Duration,
+    /// Pause of an endpoint after a 429 saying the account is out of credit.
+    pub out_of_credit_pause: Duration,
+    /// Model to use instead of a model that keeps failing, by model name.
+    pub fallback_models: BTreeMap<String, String>,
+    /// Failed attempts on the requested model before the fallback is used.
+    pub fallback_after_attempts: u32,
+    /// Estimated tokens per coalesced embeddings request.
+    pub embedding_tokens_per_request: u64,
+    /// Estimated tokens of one embedding input; longer inputs fail as too long.
+    pub embedding_max_input_tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +205,8 @@ struct RawIngest {
     settle_secs: Option<f64>,
     rescan_interval_secs: Option<f64>,
     max_line_bytes: Option<i64>,
+    check_models: Option<bool>,
+    models_refresh_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +220,9 @@ struct RawBatch {
     batchable_endpoints: Option<Vec<String>>,
     max_attempts: Option<i64>,
     deadline_margin_secs: Option<f64>,
+    max_job_age_secs: Option<f64>,
+    capacity_cooldown_secs: Option<f64>,
+    max_create_attempts: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +239,11 @@ struct RawRealtime {
     backoff_initial_secs: Option<f64>,
     backoff_max_secs: Option<f64>,
     max_retry_wait_secs: Option<f64>,
+    out_of_credit_pause_secs: Option<f64>,
+    fallback_models: Option<BTreeMap<String, String>>,
+    fallback_after_attempts: Option<i64>,
+    embedding_tokens_per_request: Option<i64>,
+    embedding_max_input_tokens: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -361,6 +392,12 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
             8 << 20,
             1 << 30,
         ) as usize,
+        check_models: raw.ingest.check_models.unwrap_or(true),
+        models_refresh: c.secs(
+            "ingest.models_refresh_secs",
+            raw.ingest.models_refresh_secs,
+            3600.0,
+        ),
     };
 
     let b = raw.batch;
@@ -398,6 +435,14 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
             b.deadline_margin_secs,
             86_400.0,
         ),
+        max_job_age: c.secs("batch.max_job_age_secs", b.max_job_age_secs, 259_200.0),
+        capacity_cooldown: c.secs(
+            "batch.capacity_cooldown_secs",
+            b.capacity_cooldown_secs,
+            600.0,
+        ),
+        max_create_attempts: c.count("batch.max_create_attempts", b.max_create_attempts, 5, 1000)
+            as u32,
     };
 
     let r = raw.realtime;
@@ -438,7 +483,44 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
         backoff_initial: c.secs("realtime.backoff_initial_secs", r.backoff_initial_secs, 1.0),
         backoff_max: c.secs("realtime.backoff_max_secs", r.backoff_max_secs, 60.0),
         max_retry_wait: c.secs("realtime.max_retry_wait_secs", r.max_retry_wait_secs, 300.0),
+        out_of_credit_pause: c.secs(
+            "realtime.out_of_credit_pause_secs",
+            r.out_of_credit_pause_secs,
+            900.0,
+        ),
+        fallback_models: r.fallback_models.unwrap_or_default(),
+        fallback_after_attempts: c.count(
+            "realtime.fallback_after_attempts",
+            r.fallback_after_attempts,
+            2,
+            1000,
+        ) as u32,
+        embedding_tokens_per_request: c.count(
+            "realtime.embedding_tokens_per_request",
+            r.embedding_tokens_per_request,
+            65_536,
+            1 << 40,
+        ) as u64,
+        embedding_max_input_tokens: c.count(
+            "realtime.embedding_max_input_tokens",
+            r.embedding_max_input_tokens,
+            8192,
+            1 << 40,
+        ) as u64,
     };
+    if realtime.embedding_max_input_tokens > realtime.embedding_tokens_per_request {
+        c.problems.push(format!(
+            "`realtime.embedding_max_input_tokens` = {} is larger than `realtime.embedding_tokens_per_request` = {}: one input must fit in a request",
+            realtime.embedding_max_input_tokens, realtime.embedding_tokens_per_request
+        ));
+    }
+    for (from, to) in &realtime.fallback_models {
+        if from == to {
+            c.problems.push(format!(
+                "`realtime.fallback_models` maps {from:?} to itself: name another model"
+            ));
+        }
+    }
     if realtime.lease <= provider.request_timeout {
         c.problems.push(format!(
             "`realtime.lease_secs` = {} must be longer than `provider.request_timeout_secs` = {}, or a slow call could be sent twice",

@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::ingest::{self, IngestError, Intake};
+use crate::models::Catalogue;
 use crate::pack::Packer;
 use crate::poll::Poller;
 use crate::provider::wait::RetryPolicy;
@@ -113,11 +114,28 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     let stages = TaskTracker::new();
     let calls = TaskTracker::new();
 
+    let catalogue = Catalogue::default();
+    if config.ingest.check_models {
+        match catalogue.refresh(&provider).await {
+            Some(models) => tracing::info!(models, "model catalogue fetched"),
+            None => tracing::warn!(
+                "starting without a model catalogue; items are not checked against it until a refresh succeeds"
+            ),
+        }
+        let refresh = catalogue.clone().run(
+            provider.clone(),
+            config.ingest.models_refresh,
+            cancel.clone(),
+        );
+        spawn_stage(&stages, "models", refresh);
+    }
+    let checked = config.ingest.check_models.then(|| catalogue.clone());
     let intake = Intake::new(
         store.clone(),
         config.paths.clone(),
         config.ingest.clone(),
         work.clone(),
+        checked,
     );
     let (watcher, events) = intake.watch()?;
     spawn_stage(&stages, "ingest", intake.run(events, cancel.clone()));

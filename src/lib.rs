@@ -13,13 +13,14 @@
 //! - [`results`]: write outcomes and their state changes in one transaction.
 //! - [`daemon`]: run the stages as named tasks under one cancellation token.
 //!
-//! Beside them: [`provider`] is the Together HTTP client, [`simulate`] a local Together API
+//! Beside them: [`provider`] is the Together HTTP client, [`models`] its model catalogue, [`simulate`] a local Together API
 //! simulator for tests and the demo, and [`cli`] the commands that read the database.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod ingest;
+pub mod models;
 pub mod pack;
 pub mod poll;
 pub mod provider;

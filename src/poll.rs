@@ -12,7 +12,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BatchConfig;
-use crate::provider::{BatchJob, Provider, ProviderError, ResultLine};
+use crate::provider::{BatchJob, BatchStatus, Provider, ProviderError, ResultLine};
 use crate::results::{self, parse_result_file};
 use crate::store::{BatchRow, Store, StoreError};
 use crate::wake::{Listener, Signal};
@@ -76,27 +76,112 @@ impl Poller {
 
     async fn poll_batch(&mut self, batch: &BatchRow) -> Result<bool, PollError> {
         let job_id = batch.provider_batch_id.clone().unwrap_or_default();
-        let job = self.provider.batch(&job_id).await?;
+        let mut job = self.provider.batch(&job_id).await?;
         if !job.status.is_terminal() {
-            if let crate::provider::BatchStatus::Unknown(status) = &job.status
+            if let BatchStatus::Unknown(status) = &job.status
                 && self.unknown_logged.insert(status.clone())
             {
                 tracing::warn!(job = %job_id, %status, "unknown batch status; treating the job as still running");
             }
-            self.store
-                .record_poll(
-                    batch.id,
-                    job.status.as_str(),
-                    job.progress,
-                    self.next_poll(),
-                )
-                .await?;
-            return Ok(false);
+            if !self.too_old(batch) {
+                self.store
+                    .record_poll(
+                        batch.id,
+                        job.status.as_str(),
+                        job.progress,
+                        self.next_poll(),
+                    )
+                    .await?;
+                return Ok(false);
+            }
+            job = self.give_up(batch, job).await;
         }
         let output = self.download(job.output_file_id.as_deref()).await?;
         let errors = self.download(job.error_file_id.as_deref()).await?;
-        self.harvest(batch, &job, &output, &errors).await?;
+        let culprit = self.culprit(batch, &job, &output, &errors).await?;
+        self.harvest(batch, &job, &output, &errors, culprit).await?;
+        self.update_model_health(batch, &job, culprit).await?;
         Ok(true)
+    }
+
+    /// True once a job has run longer than `batch.max_job_age_secs`.
+    fn too_old(&self, batch: &BatchRow) -> bool {
+        let Some(submitted) = batch
+            .submitted_at
+            .as_deref()
+            .and_then(crate::store::parse_timestamp)
+        else {
+            return false;
+        };
+        let age = (Utc::now() - submitted).to_std().unwrap_or_default();
+        age > self.config.max_job_age
+    }
+
+    /// Cancels a job that ran past the maximum age, so that it is harvested as it stands:
+    /// finished lines are kept and the rest requeued.
+    async fn give_up(&self, batch: &BatchRow, job: BatchJob) -> BatchJob {
+        tracing::warn!(
+            batch = batch.id,
+            job = %job.id,
+            status = job.status.as_str(),
+            max_age_secs = self.config.max_job_age.as_secs(),
+            "batch job exceeded the maximum job age; cancelling it and requeueing unfinished items"
+        );
+        match self.provider.cancel_batch(&job.id).await {
+            Ok(cancelled) => cancelled,
+            Err(error) => {
+                tracing::warn!(job = %job.id, %error, "failed to cancel an overdue batch job; harvesting it as it stands");
+                job
+            }
+        }
+    }
+
+    /// Finds the one item a job that failed at validation blamed, if it named one.
+    async fn culprit(
+        &self,
+        batch: &BatchRow,
+        job: &BatchJob,
+        output: &[ResultLine],
+        errors: &[ResultLine],
+    ) -> Result<Option<i64>, PollError> {
+        if job.status != BatchStatus::Failed || !output.is_empty() || !errors.is_empty() {
+            return Ok(None);
+        }
+        let Some(error) = job.error.as_deref() else {
+            return Ok(None);
+        };
+        let ids = self.store.batch_item_ids(batch.id).await?;
+        Ok(results::blamed_item(error, &ids))
+    }
+
+    /// Pauses job creation for a model after a job failed for a reason not tied to one line
+    /// (capacity, a model the provider cannot batch), and lifts the pause after a success.
+    async fn update_model_health(
+        &self,
+        batch: &BatchRow,
+        job: &BatchJob,
+        culprit: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match job.status {
+            BatchStatus::Completed => self.store.clear_model_pause(&batch.model).await,
+            BatchStatus::Failed if culprit.is_none() => {
+                let reason = job
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".to_string());
+                let until = Utc::now()
+                    + chrono::Duration::from_std(self.config.capacity_cooldown).unwrap_or_default();
+                tracing::error!(
+                    model = %batch.model,
+                    job = %job.id,
+                    error = %reason,
+                    cooldown_secs = self.config.capacity_cooldown.as_secs(),
+                    "batch job failed for the whole model; pausing its batch jobs"
+                );
+                self.store.pause_model(&batch.model, until, &reason).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Downloads and splits a result file; no file id means no file.
@@ -118,6 +203,7 @@ impl Poller {
         job: &BatchJob,
         output: &[ResultLine],
         errors: &[ResultLine],
+        culprit: Option<i64>,
     ) -> Result<(), PollError> {
         let counts = results::harvest(
             &self.store,
@@ -126,6 +212,7 @@ impl Poller {
             output,
             errors,
             self.config.max_attempts,
+            culprit,
         )
         .await?;
         if counts.first {

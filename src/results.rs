@@ -45,11 +45,13 @@ pub struct Harvest {
     pub first: bool,
 }
 
-/// Writes a successful real-time response for one in-flight item.
+/// Writes a successful real-time response for one in-flight item. `model_used` names the
+/// fallback model when the request was sent to one.
 pub async fn record_answer(
     store: &Store,
     item_id: i64,
     answer: &Answer,
+    model_used: Option<&str>,
 ) -> Result<bool, StoreError> {
     let now = timestamp(Utc::now());
     let body = answer.body.to_string();
@@ -63,10 +65,36 @@ pub async fn record_answer(
             response: Some(&body),
             error: None,
             usage: Usage::from_body(&answer.body),
+            model_used,
         },
         &now,
     )
     .await
+}
+
+/// Finds the item a failed job's error text blames: an uploaded `custom_id` such as `bd-42`,
+/// or else a `line N` of the uploaded file, whose lines follow `item_ids` in order.
+pub fn blamed_item(error: &str, item_ids: &[i64]) -> Option<i64> {
+    let named = error.match_indices(LINE_ID_PREFIX).find_map(|(at, _)| {
+        let rest = &error[at + LINE_ID_PREFIX.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse::<i64>()
+            .ok()
+            .filter(|id| item_ids.contains(id))
+    });
+    if named.is_some() {
+        return named;
+    }
+    let lower = error.to_ascii_lowercase();
+    lower.match_indices("line ").find_map(|(at, _)| {
+        let digits: String = lower[at + 5..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let line: usize = digits.parse().ok()?;
+        item_ids.get(line.checked_sub(1)?).copied()
+    })
 }
 
 /// Fails an in-flight item for a reason found before any call was made.
@@ -86,6 +114,7 @@ pub async fn record_local_failure(
             response: None,
             error: Some(message),
             usage: Usage::default(),
+            model_used: None,
         },
         &now,
     )
@@ -100,8 +129,8 @@ pub enum AfterFailure {
 }
 
 /// Writes a failed real-time call for one in-flight item: requeued after `delay` when the
-/// failure is retryable and attempts remain, failed otherwise. Rate limiting does not use up
-/// an attempt, because the request itself was never judged.
+/// failure is retryable and attempts remain, failed otherwise. A 429 (rate limit or missing
+/// credit) does not use up an attempt, because the request itself was never judged.
 pub async fn record_call_failure(
     store: &Store,
     item_id: i64,
@@ -115,13 +144,13 @@ pub async fn record_call_failure(
     let mut conn = store.pool().acquire().await?;
     let exhausted = attempts_before + 1 >= max_attempts;
     let retry = match error.class() {
-        Failure::RateLimited => true,
+        Failure::RateLimited | Failure::OutOfCredit => true,
         Failure::Retryable => !exhausted,
         Failure::Fatal => false,
     };
     if retry {
         let next = timestamp(now + chrono::Duration::from_std(delay).unwrap_or_default());
-        let count = error.class() != Failure::RateLimited;
+        let count = error.class() == Failure::Retryable;
         outcome::requeue_in_flight(&mut conn, item_id, count, &next, &message, &timestamp(now))
             .await?;
         return Ok(AfterFailure::Requeued);
@@ -140,6 +169,7 @@ pub async fn record_call_failure(
             response: None,
             error: Some(&message),
             usage: Usage::default(),
+            model_used: None,
         },
         &timestamp(now),
     )
@@ -165,7 +195,8 @@ pub fn parse_result_file(bytes: &[u8]) -> (Vec<ResultLine>, u64) {
 
 /// Writes a terminal batch job: every output and error line to its item, every item in
 /// neither file requeued (or failed once its attempts are used up), and the batch marked
-/// harvested, all in one transaction.
+/// harvested, all in one transaction. A `culprit` is the one item a failed job named as the
+/// reason it failed: that item fails, and the others are requeued without losing an attempt.
 pub async fn harvest(
     store: &Store,
     batch_id: i64,
@@ -173,6 +204,7 @@ pub async fn harvest(
     output: &[ResultLine],
     errors: &[ResultLine],
     max_attempts: u32,
+    culprit: Option<i64>,
 ) -> Result<Harvest, StoreError> {
     let now = timestamp(Utc::now());
     let mut counts = Harvest::default();
@@ -213,10 +245,35 @@ pub async fn harvest(
             job.status.as_str()
         ),
     };
-    let (requeued, failed) =
-        outcome::settle_missing(&mut tx, batch_id, max_attempts, &reason, &now).await?;
-    counts.requeued += requeued;
-    counts.failed += failed;
+    if let Some(item_id) = culprit {
+        let message = format!(
+            "batch job {} failed validation because of this request: {}",
+            job.id,
+            job.error.as_deref().unwrap_or("no reason given")
+        );
+        let failed = outcome::finish_submitted(
+            &mut tx,
+            batch_id,
+            item_id,
+            &ItemOutcome {
+                state: ItemState::Failed,
+                status_code: None,
+                response: None,
+                error: Some(&message),
+                usage: Usage::default(),
+                model_used: None,
+            },
+            &now,
+        )
+        .await?;
+        counts.failed += u64::from(failed);
+        counts.requeued += outcome::requeue_all_submitted(&mut tx, batch_id, &reason, &now).await?;
+    } else {
+        let (requeued, failed) =
+            outcome::settle_missing(&mut tx, batch_id, max_attempts, &reason, &now).await?;
+        counts.requeued += requeued;
+        counts.failed += failed;
+    }
     tx.commit().await?;
     Ok(counts)
 }
@@ -248,6 +305,7 @@ async fn write_line(
                     response: Some(&body),
                     error: None,
                     usage: Usage::from_body(&response.body),
+                    model_used: None,
                 },
                 now,
             )
@@ -269,6 +327,7 @@ async fn write_line(
                 response: Some(&body),
                 error: Some(&message),
                 usage: Usage::default(),
+                model_used: None,
             },
             now,
         )
@@ -297,6 +356,7 @@ async fn write_line(
             response: None,
             error: Some(&message),
             usage: Usage::default(),
+            model_used: None,
         },
         now,
     )
@@ -338,6 +398,33 @@ pub async fn abandon_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blamed_item_by_custom_id() {
+        let ids = [40, 41, 42];
+        assert_eq!(
+            blamed_item(
+                r#"line 3 (custom_id "bd-42"): max_tokens must be positive"#,
+                &ids
+            ),
+            Some(42)
+        );
+    }
+
+    #[test]
+    fn blamed_item_by_line_number() {
+        let ids = [40, 41, 42];
+        assert_eq!(blamed_item("Line 2: body is not an object", &ids), Some(41));
+        assert_eq!(blamed_item("line 9: out of range", &ids), None);
+    }
+
+    #[test]
+    fn capacity_error_blames_no_item() {
+        assert_eq!(
+            blamed_item("The model is at capacity, please try again later", &[1, 2]),
+            None
+        );
+    }
 
     #[test]
     fn line_ids_round_trip() {

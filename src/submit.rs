@@ -24,8 +24,22 @@ use crate::wake::{Listener, Signal};
 pub enum SubmitError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    Provider(#[from] ProviderError),
+    #[error("{step:?} failed: {source}")]
+    Provider { step: Step, source: ProviderError },
+}
+
+/// The remote call of a submission that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Upload,
+    Create,
+}
+
+impl Step {
+    /// Wraps a provider error of this step.
+    fn err(self) -> impl FnOnce(ProviderError) -> SubmitError {
+        move |source| SubmitError::Provider { step: self, source }
+    }
 }
 
 /// Returns one line of an uploaded batch file (with its newline).
@@ -51,6 +65,10 @@ pub struct Submitter {
     policy: RetryPolicy,
     /// Batches waiting out a backoff after a failed call, with their failure count.
     backoff: HashMap<i64, (Instant, u32)>,
+    /// Failed create calls per batch, against `batch.max_create_attempts`.
+    create_failures: HashMap<i64, u32>,
+    /// The earliest time a paused model may get a job again.
+    next_unpause: Option<Instant>,
     /// Raised after a job was created, so the poller schedules it.
     submitted: Signal,
     /// Raised when a batch was abandoned and its items requeued.
@@ -72,6 +90,8 @@ impl Submitter {
             config,
             policy,
             backoff: HashMap::new(),
+            create_failures: HashMap::new(),
+            next_unpause: None,
             submitted,
             work,
         }
@@ -80,6 +100,7 @@ impl Submitter {
     /// Moves every unsubmitted batch as far as it goes. Returns how many jobs were created.
     pub async fn submit_once(&mut self) -> Result<u64, StoreError> {
         let mut created = 0;
+        self.next_unpause = None;
         for batch in self.store.unfinished_batches().await? {
             if batch.state == BatchState::Submitted {
                 continue;
@@ -93,25 +114,40 @@ impl Submitter {
                 Ok(true) => {
                     created += 1;
                     self.backoff.remove(&batch.id);
+                    self.create_failures.remove(&batch.id);
                 }
                 Ok(false) => {}
                 Err(SubmitError::Store(error)) => return Err(error),
-                Err(SubmitError::Provider(error)) => self.failed(&batch, error).await?,
+                Err(SubmitError::Provider { step, source }) => {
+                    self.failed(&batch, step, source).await?
+                }
             }
         }
         Ok(created)
     }
 
-    /// Handles a failed call: fatal errors abandon the batch, others back off.
-    async fn failed(&mut self, batch: &BatchRow, error: ProviderError) -> Result<(), StoreError> {
-        if error.class() == Failure::Fatal {
-            let reason = format!("batch could not be submitted: {error}");
-            let (requeued, failed) =
-                results::abandon_batch(&self.store, batch.id, &reason, self.config.max_attempts)
-                    .await?;
-            tracing::error!(batch = batch.id, %error, requeued, failed, "batch rejected by the provider");
-            self.backoff.remove(&batch.id);
-            self.work.raise();
+    /// Handles a failed call. A failed upload is retried unless fatal. A failed create is
+    /// retried with the same file, a 404 included, because a freshly uploaded file can take a
+    /// moment to become visible; once `max_create_attempts` is used up, or on another fatal
+    /// answer, the items go back to the queue and the orphan file is deleted.
+    async fn failed(
+        &mut self,
+        batch: &BatchRow,
+        step: Step,
+        error: ProviderError,
+    ) -> Result<(), StoreError> {
+        let give_up = match step {
+            Step::Upload => error.class() == Failure::Fatal,
+            Step::Create => {
+                let failures = self.create_failures.entry(batch.id).or_insert(0);
+                *failures += 1;
+                let not_found = error.status() == Some(404);
+                *failures >= self.config.max_create_attempts
+                    || (error.class() == Failure::Fatal && !not_found)
+            }
+        };
+        if give_up {
+            self.abandon(batch, step, &error).await?;
             return Ok(());
         }
         let failures = self.backoff.get(&batch.id).map_or(0, |(_, n)| *n);
@@ -122,8 +158,57 @@ impl Submitter {
         Ok(())
     }
 
+    /// Returns a batch's items to the queue and deletes its uploaded file, if any.
+    async fn abandon(
+        &mut self,
+        batch: &BatchRow,
+        step: Step,
+        error: &ProviderError,
+    ) -> Result<(), StoreError> {
+        let reason = format!("batch could not be submitted: {error}");
+        let (requeued, failed) =
+            results::abandon_batch(&self.store, batch.id, &reason, self.config.max_attempts)
+                .await?;
+        tracing::error!(batch = batch.id, ?step, %error, requeued, failed, "batch rejected by the provider; items returned to the queue");
+        let file_id = self
+            .store
+            .batch(batch.id)
+            .await?
+            .and_then(|b| b.input_file_id);
+        if let Some(file_id) = file_id
+            && let Err(error) = self.provider.delete_file(&file_id).await
+        {
+            tracing::warn!(batch = batch.id, file = %file_id, %error, "failed to delete the uploaded file of an abandoned batch");
+        }
+        self.backoff.remove(&batch.id);
+        self.create_failures.remove(&batch.id);
+        self.work.raise();
+        Ok(())
+    }
+
+    /// Returns true when the batch's model may get a job now. A model paused after a capacity
+    /// failure gets at most one create per cooldown until one of its jobs completes.
+    async fn model_ready(&mut self, batch: &BatchRow) -> Result<bool, StoreError> {
+        let Some(until) = self.store.model_pause(&batch.model).await? else {
+            return Ok(true);
+        };
+        let now = Utc::now();
+        if until > now {
+            let wait = (until - now).to_std().unwrap_or_default();
+            let at = Instant::now() + wait;
+            self.next_unpause = Some(self.next_unpause.map_or(at, |t| t.min(at)));
+            return Ok(false);
+        }
+        let next =
+            now + chrono::Duration::from_std(self.config.capacity_cooldown).unwrap_or_default();
+        self.store
+            .pause_model(&batch.model, next, "probing after a capacity failure")
+            .await?;
+        Ok(true)
+    }
+
     /// Takes one batch through its remaining steps. Returns true once its job exists.
-    async fn advance(&self, batch: &BatchRow) -> Result<bool, SubmitError> {
+    async fn advance(&mut self, batch: &BatchRow) -> Result<bool, SubmitError> {
         let mut state = batch.state;
         let mut input_file_id = batch.input_file_id.clone();
         loop {
@@ -148,6 +233,9 @@ impl Submitter {
                     state = BatchState::Uploaded;
                 }
                 BatchState::Uploaded => {
+                    if !self.model_ready(batch).await? {
+                        return Ok(false);
+                    }
                     self.store
                         .set_batch_state(batch.id, BatchState::Uploaded, BatchState::Creating)
                         .await?;
@@ -161,7 +249,8 @@ impl Submitter {
                     let existing = self
                         .provider
                         .list_batches()
-                        .await?
+                        .await
+                        .map_err(Step::Create.err())?
                         .into_iter()
                         .find(|job| job.input_file_id.as_deref() == Some(file_id.as_str()));
                     match existing {
@@ -169,7 +258,12 @@ impl Submitter {
                             self.record_job(batch, &job.id, job.status.as_str()).await?;
                             tracing::info!(batch = batch.id, job = %job.id, "adopted a batch job created before a restart");
                         }
-                        None => self.create(batch, &file_id).await?,
+                        None => {
+                            if !self.model_ready(batch).await? {
+                                return Ok(false);
+                            }
+                            self.create(batch, &file_id).await?
+                        }
                     }
                     return Ok(true);
                 }
@@ -187,14 +281,19 @@ impl Submitter {
         let file = self
             .provider
             .upload_batch_file(&batch.upload_name, content.into_bytes())
-            .await?;
+            .await
+            .map_err(Step::Upload.err())?;
         self.store.record_upload(batch.id, &file.id).await?;
         Ok(file.id)
     }
 
     /// Looks for this batch's file among the provider's files by its unique name.
     async fn find_upload(&self, batch: &BatchRow) -> Result<Option<String>, SubmitError> {
-        let files = self.provider.list_files().await?;
+        let files = self
+            .provider
+            .list_files()
+            .await
+            .map_err(Step::Upload.err())?;
         let expected_lines = batch.item_count;
         Ok(files
             .into_iter()
@@ -207,7 +306,8 @@ impl Submitter {
         let job = self
             .provider
             .create_batch(&batch.endpoint, input_file_id, &batch.model)
-            .await?;
+            .await
+            .map_err(Step::Create.err())?;
         self.record_job(batch, &job.id, job.status.as_str()).await
     }
 
@@ -236,7 +336,9 @@ impl Submitter {
             let next_retry = self
                 .backoff
                 .values()
-                .map(|(until, _)| until.saturating_duration_since(Instant::now()))
+                .map(|(until, _)| *until)
+                .chain(self.next_unpause)
+                .map(|until| until.saturating_duration_since(Instant::now()))
                 .min()
                 .unwrap_or(Duration::from_secs(30));
             tokio::select! {

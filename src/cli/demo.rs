@@ -147,6 +147,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let config = demo_config(&workdir, &base_url)?;
     let database = config.paths.database.clone();
     let inbox = config.paths.inbox.clone();
+    // Created here, before the daemon starts, so the files can be dropped at once.
+    crate::ingest::create_dirs(&config.paths)?;
+    let store = Store::open(&database).await?;
     let daemon = tokio::spawn(crate::daemon::run(config, cancel.clone()));
     let interrupt = cancel.clone();
     tokio::spawn(async move {
@@ -155,7 +158,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         }
     });
 
-    wait_for_file(&database, &daemon).await?;
     for (name, bytes) in &inputs {
         // Written beside the inbox and renamed in, the documented way to drop a file.
         let partial = inbox.join(format!("{name}.part"));
@@ -168,8 +170,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         inbox.display()
     );
 
-    let store = Store::open_existing(&database).await?;
-    let status = wait_until_done(&store, &inbox, inputs.len(), &cancel).await;
+    let status = wait_until_done(&store, &inbox, inputs.len(), &daemon, &cancel).await;
     cancel.cancel();
     daemon.await??;
     sim_task.await??;
@@ -200,28 +201,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Waits for the daemon to create its database, failing early if the daemon stopped.
-async fn wait_for_file(
-    path: &Path,
-    daemon: &tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
-) -> anyhow::Result<()> {
-    for _ in 0..600 {
-        if path.exists() {
-            return Ok(());
-        }
-        if daemon.is_finished() {
-            bail!("the daemon stopped before it was ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("the daemon did not create {} within 30 s", path.display())
-}
-
 /// Polls the database until every dropped file is ingested and every item is terminal.
 async fn wait_until_done(
     store: &Store,
     inbox: &Path,
     files: usize,
+    daemon: &tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Status> {
     let mut last_change = Instant::now();
@@ -232,6 +217,9 @@ async fn wait_until_done(
         let ingested = status.files.len() >= files || inbox_is_empty(inbox);
         if ingested && status.unfinished() == 0 {
             return Ok(status);
+        }
+        if daemon.is_finished() {
+            bail!("the daemon stopped before every item was finished");
         }
         let snapshot = status.items.clone();
         if previous.as_ref() != Some(&snapshot) {

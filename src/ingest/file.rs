@@ -13,6 +13,7 @@ use super::IngestError;
 use super::lines::LineReader;
 use super::parse::parse_line;
 use crate::config::PathsConfig;
+use crate::models::{Catalogue, ModelCheck};
 use crate::store::{NewFile, NewItem, Store};
 
 /// At most this many line errors are listed in a report; the count covers them all.
@@ -38,6 +39,8 @@ pub struct Report {
     /// Non-blank lines read.
     pub lines: u64,
     pub items: u64,
+    /// Items stored already failed, such as those naming a model the provider does not serve.
+    pub items_failed: u64,
     pub error_count: u64,
     pub errors: Vec<LineError>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +81,7 @@ pub async fn ingest_file(
     urgent: bool,
     paths: &PathsConfig,
     max_line_bytes: usize,
+    catalogue: Option<&Catalogue>,
 ) -> Result<Ingested, IngestError> {
     let name = path
         .file_name()
@@ -102,6 +106,7 @@ pub async fn ingest_file(
             urgent,
             lines: 0,
             items: 0,
+            items_failed: 0,
             error_count: 0,
             errors: Vec::new(),
             duplicate_of: Some(existing.name),
@@ -128,6 +133,7 @@ pub async fn ingest_file(
         urgent,
         lines: 0,
         items: 0,
+        items_failed: 0,
         error_count: 0,
         errors: Vec::new(),
         duplicate_of: None,
@@ -158,6 +164,13 @@ pub async fn ingest_file(
         match checked {
             Ok(parsed) => {
                 seen_ids.insert(parsed.custom_id.clone(), line.number);
+                let error = match catalogue.map(|c| c.check(&parsed.model)) {
+                    Some(ModelCheck::Unknown(message)) => {
+                        report.items_failed += 1;
+                        Some(message)
+                    }
+                    _ => None,
+                };
                 ingest
                     .add(&NewItem {
                         line_no: line.number,
@@ -167,6 +180,7 @@ pub async fn ingest_file(
                         body: parsed.body,
                         urgent: urgent || parsed.urgent,
                         deadline: parsed.deadline,
+                        error,
                     })
                     .await?;
                 report.items += 1;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{IngestConfig, PathsConfig};
+use crate::models::Catalogue;
 use crate::store::{Store, StoreError};
 use crate::wake::Signal;
 
@@ -93,12 +94,21 @@ pub struct Intake {
     max_line_bytes: usize,
     /// Raised after items were stored, so the packer and real-time workers look at once.
     work: Signal,
+    /// Known models, when items are checked against them.
+    catalogue: Option<Catalogue>,
     /// Size and mtime last seen for files not yet complete.
     seen: HashMap<PathBuf, (u64, SystemTime, SystemTime)>,
 }
 
 impl Intake {
-    pub fn new(store: Store, paths: PathsConfig, config: IngestConfig, work: Signal) -> Self {
+    /// Creates the intake. With a `catalogue`, items naming an unknown model are stored failed.
+    pub fn new(
+        store: Store,
+        paths: PathsConfig,
+        config: IngestConfig,
+        work: Signal,
+        catalogue: Option<Catalogue>,
+    ) -> Self {
         let max_line_bytes = config.max_line_bytes;
         Intake {
             store,
@@ -106,6 +116,7 @@ impl Intake {
             config,
             max_line_bytes,
             work,
+            catalogue,
             seen: HashMap::new(),
         }
     }
@@ -203,7 +214,17 @@ impl Intake {
 
     async fn ingest(&mut self, path: &Path, urgent: bool) {
         let started = std::time::Instant::now();
-        match ingest_file(&self.store, path, urgent, &self.paths, self.max_line_bytes).await {
+        let catalogue = self.catalogue.as_ref();
+        match ingest_file(
+            &self.store,
+            path,
+            urgent,
+            &self.paths,
+            self.max_line_bytes,
+            catalogue,
+        )
+        .await
+        {
             Ok(done) => {
                 self.seen.remove(path);
                 let r = &done.report;
@@ -212,6 +233,7 @@ impl Intake {
                     disposition = %r.disposition,
                     items = r.items,
                     errors = r.error_count,
+                    unknown_model = r.items_failed,
                     urgent = r.urgent,
                     moved_to = %done.moved_to.display(),
                     elapsed_ms = started.elapsed().as_millis() as u64,

@@ -20,6 +20,9 @@ pub use types::{BatchJob, BatchStatus, FileObject, ResultLine};
 pub enum Failure {
     /// 429: wait as long as the server requests, and slow the whole endpoint.
     RateLimited,
+    /// 429 `insufficient_quota`: the account is out of credit. Retrying cannot help until an
+    /// operator acts, so the endpoint pauses for a long time.
+    OutOfCredit,
     /// 5xx, 408, timeouts, dropped connections: back off and retry.
     Retryable,
     /// Any other 4xx: retrying cannot help.
@@ -113,6 +116,17 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Failure {
     }
 }
 
+/// True when an error body says the account is out of credit.
+fn is_out_of_credit(body: &str) -> bool {
+    let Ok(value) = serde_json::from_str::<Value>(body) else {
+        return false;
+    };
+    let error = &value["error"];
+    [&error["type"], &error["code"], &value["error_type"]]
+        .iter()
+        .any(|v| v.as_str() == Some("insufficient_quota"))
+}
+
 /// Extracts the message of either Together error shape, or the start of a non-JSON body.
 fn error_message(body: &str) -> String {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
@@ -181,11 +195,15 @@ impl Provider {
         let status = response.status();
         let headers = response.headers().clone();
         let body = response.text().await.unwrap_or_default();
+        let class = match classify(status, &headers) {
+            Failure::RateLimited if is_out_of_credit(&body) => Failure::OutOfCredit,
+            class => class,
+        };
         ProviderError::Status {
             action,
             status: status.as_u16(),
             message: error_message(&body),
-            class: classify(status, &headers),
+            class,
             wait: wait::server_wait(&headers, SystemTime::now(), self.max_wait),
         }
     }
@@ -369,6 +387,37 @@ impl Provider {
         self.json(ACTION, response).await
     }
 
+    /// Asks the provider to cancel a job; finished lines stay in its output file.
+    pub async fn cancel_batch(&self, batch_id: &str) -> Result<BatchJob, ProviderError> {
+        const ACTION: &str = "cancelling a batch job";
+        let request = self.request(Method::POST, &format!("/batches/{batch_id}/cancel"));
+        let response = self.send(ACTION, request).await?;
+        self.json(ACTION, response).await
+    }
+
+    pub async fn delete_file(&self, file_id: &str) -> Result<(), ProviderError> {
+        const ACTION: &str = "deleting a file";
+        let response = self
+            .send(
+                ACTION,
+                self.request(Method::DELETE, &format!("/files/{file_id}")),
+            )
+            .await?;
+        if !response.status().is_success() {
+            return Err(self.failure(ACTION, response).await);
+        }
+        Ok(())
+    }
+
+    /// Lists the provider's model catalogue.
+    pub async fn list_models(&self) -> Result<Vec<types::ModelInfo>, ProviderError> {
+        const ACTION: &str = "listing models";
+        let response = self
+            .send(ACTION, self.request(Method::GET, "/models"))
+            .await?;
+        self.json(ACTION, response).await
+    }
+
     pub async fn list_batches(&self) -> Result<Vec<BatchJob>, ProviderError> {
         const ACTION: &str = "listing batch jobs";
         let response = self
@@ -427,6 +476,19 @@ mod tests {
             classify(StatusCode::BAD_REQUEST, &headers),
             Failure::Retryable
         );
+    }
+
+    #[test]
+    fn out_of_credit_is_read_from_type_or_code() {
+        assert!(is_out_of_credit(
+            r#"{"error":{"message":"no credit","type":"insufficient_quota"}}"#
+        ));
+        assert!(is_out_of_credit(
+            r#"{"error":{"message":"no credit","code":"insufficient_quota"}}"#
+        ));
+        assert!(!is_out_of_credit(
+            r#"{"error":{"message":"slow down","type":"dynamic_request_limited"}}"#
+        ));
     }
 
     #[test]

@@ -109,6 +109,14 @@ pub struct CreatedBatch {
     pub warning: Option<String>,
 }
 
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelInfo {
+    pub id: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
 /// One line of a batch output or error file.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ResultLine {

@@ -115,14 +115,16 @@ impl Realtime {
         let cutoff = now + chrono::Duration::from_std(self.deadline_margin).unwrap_or_default();
         let lease_until = now + chrono::Duration::from_std(self.config.lease).unwrap_or_default();
         if endpoint == EMBEDDINGS {
-            self.store
+            let claimed = self
+                .store
                 .claim_embeddings(
                     &self.batchable,
                     cutoff,
                     lease_until,
                     self.config.embedding_inputs_per_request,
                 )
-                .await
+                .await?;
+            self.fit_token_budget(claimed).await
         } else {
             self.store
                 .claim_realtime(endpoint, &self.batchable, cutoff, lease_until, 1)
@@ -174,6 +176,40 @@ impl Realtime {
         }
     }
 
+    /// Keeps the longest run of claimed embedding items whose estimated tokens fit one request,
+    /// fails items whose input alone is over the per-input limit, and returns the rest to the
+    /// queue.
+    async fn fit_token_budget(
+        &self,
+        claimed: Vec<ClaimedItem>,
+    ) -> Result<Vec<ClaimedItem>, StoreError> {
+        let max_input = self.config.embedding_max_input_tokens;
+        let mut kept = Vec::new();
+        let mut tokens = 0;
+        let mut full = false;
+        for item in claimed {
+            let estimate = estimate_input_tokens(&item.body);
+            if estimate > max_input {
+                let message = format!(
+                    "input too long: about {estimate} tokens, more than the limit of {max_input} (`realtime.embedding_max_input_tokens`)"
+                );
+                results::record_local_failure(&self.store, item.id, &message).await?;
+                continue;
+            }
+            if full
+                || (!kept.is_empty()
+                    && tokens + estimate > self.config.embedding_tokens_per_request)
+            {
+                full = true;
+                self.store.release_claim(item.id).await?;
+                continue;
+            }
+            tokens += estimate;
+            kept.push(item);
+        }
+        Ok(kept)
+    }
+
     /// Returns claimed items that were never sent to the queue.
     async fn release(&self, items: &[ClaimedItem]) {
         for item in items {
@@ -186,7 +222,14 @@ impl Realtime {
     /// Sends one request for `items` (several only for coalesced embeddings) and records the
     /// outcome of each item.
     async fn send(&self, endpoint: &str, items: &[ClaimedItem], limiter: &EndpointLimiter) {
-        let request = match build_request(items) {
+        let fallback = self.fallback_for(items);
+        let built = build_request(items).map(|mut request| {
+            if let Some(model) = fallback {
+                request["model"] = Value::String(model.to_string());
+            }
+            request
+        });
+        let request = match built {
             Ok(request) => request,
             Err(error) => {
                 tracing::error!(%error, "stored request body is not JSON; failing the items");
@@ -203,7 +246,7 @@ impl Realtime {
         };
         let result = self.provider.call(endpoint, &request).await;
         let outcome = match result {
-            Ok(answer) => self.record_answers(items, answer).await,
+            Ok(answer) => self.record_answers(items, answer, fallback).await,
             Err(error) => self.record_failure(items, &error, limiter).await,
         };
         if let Err(error) = outcome {
@@ -211,13 +254,28 @@ impl Realtime {
         }
     }
 
+    /// Returns the fallback model for a single item that failed often enough on its own.
+    fn fallback_for(&self, items: &[ClaimedItem]) -> Option<&str> {
+        let [item] = items else {
+            return None;
+        };
+        if item.attempts < self.config.fallback_after_attempts {
+            return None;
+        }
+        self.config
+            .fallback_models
+            .get(&item.model)
+            .map(String::as_str)
+    }
+
     async fn record_answers(
         &self,
         items: &[ClaimedItem],
         answer: Answer,
+        fallback: Option<&str>,
     ) -> Result<(), StoreError> {
         if items.len() == 1 {
-            results::record_answer(&self.store, items[0].id, &answer).await?;
+            results::record_answer(&self.store, items[0].id, &answer, fallback).await?;
             return Ok(());
         }
         for (item, body) in items
@@ -228,7 +286,7 @@ impl Realtime {
                 status: answer.status,
                 body,
             };
-            results::record_answer(&self.store, item.id, &single).await?;
+            results::record_answer(&self.store, item.id, &single, None).await?;
         }
         Ok(())
     }
@@ -241,10 +299,24 @@ impl Realtime {
     ) -> Result<(), StoreError> {
         let policy = self.policy();
         let attempts = items.iter().map(|i| i.attempts).max().unwrap_or(0);
-        let delay = policy.delay(error.server_wait(), attempts);
-        if error.class() == Failure::RateLimited {
-            limiter.pause(delay);
-            tracing::warn!(%error, wait_ms = delay.as_millis() as u64, "rate limited; pausing the endpoint");
+        let delay = match error.class() {
+            Failure::OutOfCredit => self.config.out_of_credit_pause,
+            _ => policy.delay(error.server_wait(), attempts),
+        };
+        match error.class() {
+            Failure::RateLimited => {
+                limiter.pause(delay);
+                tracing::warn!(%error, wait_ms = delay.as_millis() as u64, "rate limited; pausing the endpoint");
+            }
+            Failure::OutOfCredit => {
+                limiter.pause(delay);
+                tracing::error!(
+                    %error,
+                    pause_secs = delay.as_secs(),
+                    "the provider account is out of credit: add credit, then restart batchd or wait for the pause to end"
+                );
+            }
+            Failure::Retryable | Failure::Fatal => {}
         }
         let mut failed = 0;
         for item in items {
@@ -263,11 +335,23 @@ impl Realtime {
         }
         if failed > 0 {
             tracing::warn!(%error, items = failed, "real-time call failed; items marked failed");
-        } else if error.class() != Failure::RateLimited {
+        } else if error.class() == Failure::Retryable {
             tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "real-time call failed; retrying");
         }
         Ok(())
     }
+}
+
+/// Estimates the tokens of an embedding item's input from its length: about four characters
+/// per token for English text. Array inputs count their longest element.
+pub fn estimate_input_tokens(body: &str) -> u64 {
+    let chars = |v: &Value| v.as_str().map_or(0, |s| s.chars().count() as u64);
+    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let longest = match &body["input"] {
+        Value::Array(inputs) => inputs.iter().map(chars).max().unwrap_or(0),
+        input => chars(input),
+    };
+    longest.div_ceil(4)
 }
 
 /// Builds the request body: the item's own body, or for coalesced embeddings the shared

@@ -89,6 +89,7 @@ pub struct BatchRow {
     pub progress: Option<f64>,
     pub error: Option<String>,
     pub created_at: String,
+    pub submitted_at: Option<String>,
 }
 
 fn serialize_display<S: serde::Serializer>(state: &BatchState, s: S) -> Result<S::Ok, S::Error> {
@@ -109,6 +110,7 @@ fn batch_row(row: sqlx::sqlite::SqliteRow) -> Result<BatchRow, StoreError> {
         progress: row.get("progress"),
         error: row.get("error"),
         created_at: row.get("created_at"),
+        submitted_at: row.get("submitted_at"),
     })
 }
 

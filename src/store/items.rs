@@ -80,6 +80,8 @@ pub struct NewItem {
     pub body: String,
     pub urgent: bool,
     pub deadline: Option<DateTime<Utc>>,
+    /// Set when the item is stored already failed, for a reason found at ingest.
+    pub error: Option<String>,
 }
 
 /// An item claimed for a real-time call.
@@ -136,6 +138,8 @@ pub struct ItemOutcome<'a> {
     pub response: Option<&'a str>,
     pub error: Option<&'a str>,
     pub usage: Usage,
+    /// The model that answered, when it differs from the requested one (a fallback).
+    pub model_used: Option<&'a str>,
 }
 
 /// The SQL condition for items the real-time path may take: queued, due, and urgent, not
@@ -155,8 +159,10 @@ pub(crate) async fn insert_item(
     sqlx::query(
         "INSERT INTO work_items
              (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
-              next_attempt_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)",
+              next_attempt_at, created_at, updated_at, state, error, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9,
+                 CASE WHEN ?10 IS NULL THEN 'queued' ELSE 'failed' END, ?10,
+                 CASE WHEN ?10 IS NULL THEN NULL ELSE ?9 END)",
     )
     .bind(file_id)
     .bind(item.line_no as i64)
@@ -167,6 +173,7 @@ pub(crate) async fn insert_item(
     .bind(item.urgent)
     .bind(item.deadline.map(timestamp))
     .bind(now)
+    .bind(item.error.as_deref())
     .execute(conn)
     .await?;
     Ok(())
@@ -403,6 +410,15 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Lists the ids of a batch's items in upload order.
+    pub async fn batch_item_ids(&self, batch_id: i64) -> Result<Vec<i64>, StoreError> {
+        let ids = sqlx::query_scalar("SELECT id FROM work_items WHERE batch_id = ?1 ORDER BY id")
+            .bind(batch_id)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(ids)
+    }
+
     /// Lists the user-visible request of every item in a batch, in item order.
     pub async fn batch_requests(&self, batch_id: i64) -> Result<Vec<(i64, String)>, StoreError> {
         let rows = sqlx::query("SELECT id, body FROM work_items WHERE batch_id = ?1 ORDER BY id")
@@ -442,7 +458,7 @@ pub(crate) mod outcome {
              SET state = ?2, status_code = ?3, response = ?4, error = ?5,
                  prompt_tokens = ?6, completion_tokens = ?7, total_tokens = ?8,
                  attempts = attempts + 1, lease_expires_at = NULL,
-                 finished_at = ?9, updated_at = ?9
+                 finished_at = ?9, updated_at = ?9, model_used = ?10
              WHERE id = ?1 AND state = 'in_flight'",
         )
         .bind(item_id)
@@ -454,6 +470,7 @@ pub(crate) mod outcome {
         .bind(outcome.usage.completion_tokens)
         .bind(outcome.usage.total_tokens)
         .bind(now)
+        .bind(outcome.model_used)
         .execute(conn)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -535,6 +552,28 @@ pub(crate) mod outcome {
         .execute(conn)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Requeues every item of `batch_id` still waiting for a result, without counting an
+    /// attempt, because the job failed for a reason that was not theirs.
+    pub async fn requeue_all_submitted(
+        conn: &mut SqliteConnection,
+        batch_id: i64,
+        last_error: &str,
+        now: &str,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE work_items
+             SET state = 'queued', batch_id = NULL, last_error = ?2, next_attempt_at = ?3,
+                 updated_at = ?3
+             WHERE batch_id = ?1 AND state = 'submitted'",
+        )
+        .bind(batch_id)
+        .bind(last_error)
+        .bind(now)
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Handles the items of a harvested batch that had no line in either result file: they

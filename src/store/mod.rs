@@ -7,6 +7,7 @@
 mod batches;
 mod files;
 pub mod items;
+mod models;
 
 use std::path::Path;
 use std::time::Duration;

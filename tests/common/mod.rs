@@ -107,7 +107,21 @@ impl Daemon {
         let path = self.path("batchd.db");
         wait_for(|| path.exists(), "the database to exist");
         let options = SqliteConnectOptions::new().filename(&path).read_only(true);
-        SqlitePool::connect_with(options).await.unwrap()
+        let pool = SqlitePool::connect_with(options).await.unwrap();
+        // The file appears before the migrations have run; wait for the schema.
+        let started = Instant::now();
+        while sqlx::query("SELECT 1 FROM results LIMIT 1")
+            .fetch_optional(&pool)
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the database schema never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pool
     }
 
     /// Waits until `expected` items exist and none is unfinished.
