@@ -74,14 +74,21 @@ impl EndpointLimiter {
         self.per_minute
     }
 
+    /// Waits while the endpoint is paused after a 429.
+    pub async fn wait_unpaused(&self) {
+        loop {
+            let paused = *self.paused_until.lock().expect("limiter lock");
+            match paused.filter(|until| *until > Instant::now()) {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => return,
+            }
+        }
+    }
+
     /// Waits until one more request may be sent.
     pub async fn acquire(&self) {
         loop {
-            let paused = *self.paused_until.lock().expect("limiter lock");
-            if let Some(until) = paused.filter(|until| *until > Instant::now()) {
-                tokio::time::sleep_until(until).await;
-                continue;
-            }
+            self.wait_unpaused().await;
             match self.gcra.check() {
                 Ok(()) => return,
                 Err(not_until) => {

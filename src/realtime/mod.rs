@@ -140,6 +140,12 @@ impl Realtime {
                 _ = cancel.cancelled() => return,
                 permit = self.permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
             };
+            // Nothing is claimed while the endpoint is paused, so no item waits out a pause
+            // under a lease.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = limiter.wait_unpaused() => {}
+            }
             let items = match self.claim(endpoint).await {
                 Ok(items) => items,
                 Err(error) => {

@@ -76,7 +76,13 @@ impl Daemon {
         daemon
     }
 
+    /// Starts `batchd run`; its log is appended to `daemon.log` in the test directory.
     pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("daemon.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_batchd"))
             .arg("run")
             .arg("--config")
@@ -84,10 +90,15 @@ impl Daemon {
             .env("TOGETHER_API_KEY", "test-key")
             .env("BATCHD_LOG", "warn,batchd=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("the batchd binary starts");
         self.child = Some(child);
+    }
+
+    /// Returns everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -140,7 +151,8 @@ impl Daemon {
             }
             assert!(
                 started.elapsed() < PATIENCE,
-                "pipeline stalled: {total} items, {open} unfinished"
+                "pipeline stalled: {total} items, {open} unfinished; daemon log:\n{}",
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
