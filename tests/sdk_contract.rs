@@ -85,7 +85,7 @@ async fn python_sdk_accepts_simulator() {
         .output();
     let output = tokio::time::timeout(SCRIPT_TIMEOUT, run)
         .await
-        .expect("the SDK contract script did not finish")
+        .unwrap_or_else(|_| panic!("the SDK contract script timed out after {SCRIPT_TIMEOUT:?}"))
         .unwrap_or_else(|error| panic!("failed to run {}: {error}", python.display()));
     cancel.cancel();
 

@@ -461,7 +461,7 @@ async fn dropped_connection_is_transport_error() {
     assert_eq!(requests[0].status, 0);
     assert_eq!(sim.faults_injected("dropped_connection"), 1);
 
-    // Other routes keep answering on new connections.
+    // Other routes still respond, on new connections.
     assert_eq!(sim.get("/models").await.status(), StatusCode::OK);
 }
 
@@ -623,7 +623,11 @@ async fn line_errors_go_to_error_file() {
     }
     let error_ids = custom_ids(&errors);
     let output_ids = custom_ids(&sim.content(job["output_file_id"].as_str().unwrap()).await);
-    assert!(!error_ids.is_empty() && !output_ids.is_empty());
+    assert!(!error_ids.is_empty(), "no line was moved to the error file");
+    assert!(
+        !output_ids.is_empty(),
+        "every line was moved to the error file"
+    );
     let mut every_id = [error_ids.clone(), output_ids].concat();
     every_id.sort();
     assert_eq!(every_id, custom_ids(&chat_file("l", 40)));

@@ -174,8 +174,8 @@ pub(super) fn chat_completion(body: &Value) -> Result<Value, RequestError> {
         "object": "chat.completion",
         "created": Utc::now().timestamp(),
         "model": model.id,
-        // The official Python SDK 3.1.1 requires `prompt`, which holds the prompt only when the
-        // request asks for an echo.
+        // The official Python SDK 3.1.1 requires `prompt`, which contains the prompt only when
+        // the request asks for an echo.
         "prompt": [],
         "choices": [{
             "index": 0,

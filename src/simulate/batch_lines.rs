@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::batch_input::MAX_CUSTOM_ID_CHARS;
 use super::models;
 
-/// Why one line fails the batch.
+/// The reason that one line fails the batch, with the line's `custom_id` if it has one.
 pub(super) struct LineProblem {
     pub custom_id: Option<String>,
     pub reason: String,

@@ -159,8 +159,8 @@ pub(super) async fn create_batch(
     Ok((StatusCode::CREATED, Json(json!({ "job": job }))))
 }
 
-/// Decides how a job ends: the validation result stands if it failed, then a model without
-/// batch support or at capacity fails the job, and the expiry and stall faults set its fate.
+/// Decides how a job ends. A failed validation keeps its reason. Otherwise a model without batch
+/// support or at capacity fails the job, and the expiry and stall faults set its fate.
 fn decide_fate(
     shared: &Shared,
     roll: &Roll,

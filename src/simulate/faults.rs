@@ -25,11 +25,11 @@ pub struct Faults {
     /// Real-time paths, such as `/v1/chat/completions`, that the real-time faults apply to. Empty
     /// means every real-time path.
     pub realtime_paths: Vec<String>,
-    /// Share of real-time requests answered 429, on top of the per-minute windows.
+    /// Share of real-time requests that get a 429, on top of the per-minute windows.
     pub rate_limit_rate: f64,
     /// Error body of the injected 429s.
     pub rate_limit_kind: RateLimitKind,
-    /// How every 429, injected or from a per-minute window, announces the wait.
+    /// Style in which every 429, injected or from a per-minute window, announces the wait.
     pub retry_after: RetryAfterStyle,
     /// Wait that injected 429s announce, in seconds.
     pub retry_after_secs: f64,
@@ -38,17 +38,17 @@ pub struct Faults {
     pub overload_windows: Vec<Window>,
     /// Models whose real-time requests always get a 503.
     pub overloaded_models: Vec<String>,
-    /// Share of real-time requests answered 500 or 502.
+    /// Share of real-time requests that get a 500 or 502.
     pub server_error_rate: f64,
     /// Share of real-time requests whose connection is closed without any response.
     pub drop_rate: f64,
-    /// Lower bound of the latency added to each real-time answer, in milliseconds.
+    /// Lower bound of the latency added to each real-time response, in milliseconds.
     pub latency_min_ms: u64,
-    /// Upper bound of the latency added to each real-time answer, in milliseconds.
+    /// Upper bound of the latency added to each real-time response, in milliseconds.
     pub latency_max_ms: u64,
     /// Value of `x-should-retry` on every error response; unset sends no such header.
     pub should_retry: Option<bool>,
-    /// Tokens per minute that each real-time endpoint accepts; when set, every real-time answer
+    /// Tokens per minute that each real-time endpoint accepts. When set, every real-time response
     /// carries `x-tokenlimit-limit` and `x-tokenlimit-remaining`.
     pub token_limit_per_minute: Option<u64>,
     /// Share of batch jobs that fail at `VALIDATING` because their model is at capacity.
@@ -180,13 +180,13 @@ pub enum FaultsError {
 impl Faults {
     /// Reads and checks a TOML fault file.
     pub fn load(path: &Path) -> Result<Faults, FaultsError> {
-        let shown = path.display().to_string();
+        let display_path = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| FaultsError::Read {
-            path: shown.clone(),
+            path: display_path.clone(),
             source,
         })?;
         let faults: Faults = toml::from_str(&text).map_err(|source| FaultsError::Parse {
-            path: shown,
+            path: display_path,
             source: Box::new(source),
         })?;
         faults.validate()?;

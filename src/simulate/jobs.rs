@@ -89,7 +89,7 @@ impl JobSettings {
     }
 }
 
-/// How a job that passed validation ends if nobody cancels it.
+/// How a job that passed validation ends unless it is cancelled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Fate {
     /// `COMPLETED` at the turnaround, or `EXPIRED` at the deadline if that comes first.
@@ -271,8 +271,8 @@ impl Batch {
             let (file, line) = match result {
                 LineResult::Output(line) => (&mut output, line),
                 LineResult::Error(line) => (&mut errors, line),
-                // Only a job that completes reports the injected error; in any other end the
-                // line counts as answered.
+                // Only a completed job reports the injected error. A job that ends any other way
+                // writes the line's result to the output file.
                 LineResult::FaultedOutput { output: line, .. } if status != Status::Completed => {
                     (&mut output, line)
                 }

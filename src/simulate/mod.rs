@@ -167,7 +167,7 @@ pub struct Simulator {
 
 impl Simulator {
     /// Binds the listener. Rejects any address that is not loopback (127.0.0.0/8 or ::1) with a
-    /// clear error naming the address, and invalid faults; port 0 picks a free port.
+    /// clear error naming the address, and rejects invalid faults. Port 0 picks a free port.
     pub async fn bind(addr: SocketAddr, config: SimConfig) -> Result<Simulator, SimulateError> {
         if !addr.ip().is_loopback() {
             return Err(SimulateError::NotLoopback { addr });

@@ -1,8 +1,8 @@
 //! The model catalogue that `GET /v1/models` returns and that every request's `model` is checked
 //! against. The entries are real Together model ids. Their prices, context lengths, output limits
 //! and `created` times are approximations of Together's published values, for clients to parse.
-//! Each entry also says whether batch jobs accept the model: Together's batch overview page names
-//! `deepseek-ai/DeepSeek-R1` and `deepseek-ai/DeepSeek-V3.1` as models without batch support.
+//! Each entry also states whether batch jobs accept the model. Together offers no batch inference
+//! for `deepseek-ai/DeepSeek-R1` and `deepseek-ai/DeepSeek-V3.1`, so their jobs fail.
 
 use axum::Json;
 use serde_json::{Value, json};

@@ -1,9 +1,9 @@
 //! The two model routes that the official Python SDK 3.1.1 calls instead of `GET /v1/models`:
 //! `models.list_supported()` reads `GET /v2/supported-models`, and `models.list()` reads
-//! `GET /v2/projects/{project_id}/models`. Both answer a cursor page `{"data", "next_cursor"}`
+//! `GET /v2/projects/{project_id}/models`. Both return a cursor page `{"data", "next_cursor"}`
 //! with camelCase keys, as the SDK's `SupportedModel` and `Model` types declare them.
 //!
-//! The simulator holds no custom models, so every project's model list is empty.
+//! The simulator has no custom models, so every project's model list is empty.
 
 use axum::Json;
 use axum::extract::{Path, Query};
@@ -108,7 +108,7 @@ pub(super) async fn list_supported_models(
     Ok(Json(json!({"data": data, "next_cursor": next_cursor})))
 }
 
-/// `GET /v2/projects/{project_id}/models`: an empty page, because the simulator holds no custom
+/// `GET /v2/projects/{project_id}/models`: an empty page, because the simulator has no custom
 /// models.
 pub(super) async fn list_project_models(Path(_project_id): Path<String>) -> Json<Value> {
     Json(json!({"data": [], "next_cursor": null}))

@@ -1,8 +1,8 @@
 //! The real-time endpoints: chat completions, text completions, embeddings and image generation.
 //!
 //! Each request first passes its endpoint's rate limiter and is counted in the stats. A rejected
-//! request gets a 429 that announces the wait as [`super::Faults::retry_after`] says, and every
-//! response carries `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset`
+//! request gets a 429 that announces the wait in the style of
+//! [`super::Faults::retry_after`]. Every response carries `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset`
 //! (seconds), plus `x-tokenlimit-limit` and `x-tokenlimit-remaining` when a token limit is set.
 //! An accepted request may then get an injected fault ([`super::realtime_faults`]). It waits the
 //! configured real-time delay and any injected latency before its response is built.

@@ -24,7 +24,7 @@ pub(super) enum RealtimeFault {
     ServerError(StatusCode),
 }
 
-/// What to do with one real-time request before answering it.
+/// The fault and the latency of one real-time request, decided before its response is built.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct RealtimePlan {
     pub fault: Option<RealtimeFault>,

@@ -33,7 +33,7 @@ pub struct RequestRecord {
     pub model: Option<String>,
 }
 
-/// Marks a response whose connection is closed instead of answered.
+/// Marks a response that is never sent: the middleware closes its connection instead.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct DropConnection;
 

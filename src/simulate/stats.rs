@@ -1,5 +1,5 @@
-//! Counters that tests and benchmarks read to check how a client used the API: how many batches
-//! it created and how large, how many it kept in flight, how hard it pushed each real-time
+//! Counters that tests and benchmarks read to check how a client used the API. They count the
+//! batches it created, their sizes, how many it kept in flight, how hard it pushed each real-time
 //! endpoint, and which faults the simulator injected. `GET /_sim/stats` serves the same
 //! [`SimStats`] as [`SimStatsHandle::snapshot`].
 
@@ -39,7 +39,7 @@ pub struct SimStats {
     pub realtime_requests: BTreeMap<String, u64>,
     /// Maximum number of accepted requests inside any 60-second window, per real-time endpoint.
     pub realtime_max_per_minute: BTreeMap<String, u64>,
-    /// Requests answered 429, injected ones included, over all endpoints.
+    /// Requests that got a 429, injected ones included, over all endpoints.
     pub rate_limited: u64,
     /// Maximum number of inputs in one embeddings request; a single string counts as one.
     pub embedding_max_inputs: u64,
