@@ -19,6 +19,7 @@
 mod answers;
 mod batch_input;
 mod batch_lines;
+mod batch_store;
 mod batches;
 mod cli;
 mod connection;
@@ -143,7 +144,7 @@ struct Shared {
 #[derive(Default)]
 struct Store {
     files: files::FileStore,
-    batches: jobs::BatchStore,
+    batches: batch_store::BatchStore,
 }
 
 impl Shared {

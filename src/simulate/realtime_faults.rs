@@ -1,6 +1,8 @@
 //! The faults of real-time requests: which one a request gets, how long it waits, and the
 //! responses that stand for each fault. A request gets at most one fault, checked in this order:
 //! a dropped connection, an overload (time window or model), an injected 429, a server error.
+//! Only requests that passed the per-minute windows get here, so a window rejection, which
+//! depends on timing, also changes which occurrence of a request key the next request is.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
