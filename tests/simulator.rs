@@ -402,7 +402,14 @@ async fn batch_completes_with_shuffled_output() {
         .map(|(i, question)| chat_line(&format!("req-{i}"), CHAT_MODEL, question))
         .collect();
     lines.push(chat_line("bad-model", "nobody/no-such-model", "unanswered"));
-    lines.push(json!({"custom_id": "no-messages", "body": {"model": CHAT_MODEL}}).to_string());
+    lines.push(
+        json!({"custom_id": "too-long", "body": {
+            "model": CHAT_MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 100_000,
+        }})
+        .to_string(),
+    );
     let input_file_id = sim.upload("batch.jsonl", &jsonl(&lines)).await;
 
     let job = sim.create_batch(&input_file_id).await;
@@ -461,7 +468,7 @@ async fn batch_completes_with_shuffled_output() {
         codes,
         [
             ("bad-model", "invalid_model"),
-            ("no-messages", "invalid_request")
+            ("too-long", "invalid_request")
         ]
     );
 
@@ -521,7 +528,7 @@ async fn repeated_custom_id_fails_batch() {
     assert_eq!(job["status"], "FAILED");
     let error = job["error"].as_str().unwrap();
     assert!(
-        error.contains("custom_id \"same\" repeats line 1"),
+        error.starts_with("line 2 (custom_id \"same\"): custom_id repeats line 1"),
         "{error}"
     );
     assert!(job["completed_at"].is_string());
@@ -669,7 +676,7 @@ async fn completion_echoes_prompt() {
         .json()
         .await
         .unwrap();
-    assert_eq!(answer["object"], "text_completion");
+    assert_eq!(answer["object"], "text.completion");
     assert_eq!(
         answer["choices"][0]["text"],
         chat_answer_text("Once upon a time")

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::ids::random_hex;
-use super::models::{self, ModelKind};
+use super::models::{self, Model, ModelKind};
 
 /// Number of components in every vector that [`embedding_vector`] returns.
 pub const EMBEDDING_DIMENSION: usize = 16;
@@ -82,7 +82,7 @@ impl RequestError {
     }
 }
 
-fn require_model(body: &Value, expected: ModelKind) -> Result<&'static str, RequestError> {
+fn require_model(body: &Value, expected: ModelKind) -> Result<&'static Model, RequestError> {
     let Some(id) = body.get("model").and_then(Value::as_str) else {
         return Err(RequestError::Invalid(
             "missing required field `model` (a string naming a model from GET /v1/models)"
@@ -97,7 +97,30 @@ fn require_model(body: &Value, expected: ModelKind) -> Result<&'static str, Requ
             expected,
         });
     }
-    Ok(model.id)
+    Ok(model)
+}
+
+/// Checks an optional `max_tokens`: a positive integer no larger than the model's output limit.
+/// A `null` counts as absent.
+pub(super) fn check_max_tokens(body: &Value, model: &Model) -> Result<(), RequestError> {
+    let value = match body.get("max_tokens") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(value) => value,
+    };
+    let Some(max_tokens) = value.as_u64().filter(|&n| n > 0) else {
+        return Err(RequestError::Invalid(format!(
+            "max_tokens must be a positive integer, found {value}"
+        )));
+    };
+    if let Some(limit) = model.max_output_tokens
+        && max_tokens > limit
+    {
+        return Err(RequestError::Invalid(format!(
+            "max_tokens {max_tokens} is larger than the maximum of {limit} for model {}",
+            model.id
+        )));
+    }
+    Ok(())
 }
 
 fn count_tokens(text: &str) -> u64 {
@@ -121,6 +144,7 @@ fn message_text(message: &Value) -> String {
 /// Builds a `chat.completion` object for a `/v1/chat/completions` request body.
 pub(super) fn chat_completion(body: &Value) -> Result<Value, RequestError> {
     let model = require_model(body, ModelKind::Chat)?;
+    check_max_tokens(body, model)?;
     let messages = match body.get("messages").and_then(Value::as_array) {
         Some(messages) if !messages.is_empty() => messages,
         _ => {
@@ -149,7 +173,10 @@ pub(super) fn chat_completion(body: &Value) -> Result<Value, RequestError> {
         "id": random_hex(8),
         "object": "chat.completion",
         "created": Utc::now().timestamp(),
-        "model": model,
+        "model": model.id,
+        // The official Python SDK 3.1.1 requires `prompt`, which contains the prompt only when
+        // the request asks for an echo.
+        "prompt": [],
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": answer},
@@ -163,9 +190,11 @@ pub(super) fn chat_completion(body: &Value) -> Result<Value, RequestError> {
     }))
 }
 
-/// Builds a `text_completion` object for a `/v1/completions` request body.
+/// Builds a `text.completion` object, as the official Python SDK 3.1.1 spells it, for a
+/// `/v1/completions` request body.
 pub(super) fn text_completion(body: &Value) -> Result<Value, RequestError> {
     let model = require_model(body, ModelKind::Chat)?;
+    check_max_tokens(body, model)?;
     let Some(prompt) = body.get("prompt").and_then(Value::as_str) else {
         return Err(RequestError::Invalid(
             "missing required field `prompt` (a string)".to_owned(),
@@ -176,9 +205,10 @@ pub(super) fn text_completion(body: &Value) -> Result<Value, RequestError> {
     let completion_tokens = count_tokens(&text);
     Ok(json!({
         "id": random_hex(8),
-        "object": "text_completion",
+        "object": "text.completion",
         "created": Utc::now().timestamp(),
-        "model": model,
+        "model": model.id,
+        "prompt": [],
         "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -214,7 +244,7 @@ pub(super) fn embeddings(body: &Value) -> Result<(Value, usize), RequestError> {
     let prompt_tokens: u64 = inputs.iter().map(|text| count_tokens(text)).sum();
     let response = json!({
         "object": "list",
-        "model": model,
+        "model": model.id,
         "data": data,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     });
@@ -250,7 +280,7 @@ pub(super) fn image_generation(body: &Value) -> Result<Value, RequestError> {
             json!({"index": index, "b64_json": BASE64.encode(digest), "type": "b64_json"})
         })
         .collect();
-    Ok(json!({"id": random_hex(8), "model": model, "object": "list", "data": data}))
+    Ok(json!({"id": random_hex(8), "model": model.id, "object": "list", "data": data}))
 }
 
 #[cfg(test)]
@@ -319,6 +349,33 @@ mod tests {
             chat_completion(&empty),
             Err(RequestError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn max_tokens_must_fit_the_model() {
+        let body = |max_tokens: Value| {
+            json!({
+                "model": "Qwen/Qwen2.5-7B-Instruct-Turbo",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": max_tokens,
+            })
+        };
+        assert!(chat_completion(&body(json!(100))).is_ok());
+        assert!(chat_completion(&body(Value::Null)).is_ok());
+        assert_eq!(
+            chat_completion(&body(json!(-5))),
+            Err(RequestError::Invalid(
+                "max_tokens must be a positive integer, found -5".to_owned()
+            ))
+        );
+        assert_eq!(
+            chat_completion(&body(json!(100_000))),
+            Err(RequestError::Invalid(
+                "max_tokens 100000 is larger than the maximum of 8192 for model \
+                 Qwen/Qwen2.5-7B-Instruct-Turbo"
+                    .to_owned()
+            ))
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `batchd simulate`: runs the simulator as a process. The first line on stdout is the API base
 //! URL, so a script can start the simulator on port 0 and read where it listens. Logs go to
-//! stderr.
+//! stderr. `--faults FILE` reads the faults to inject from a TOML file.
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DEFAULT_CHAT_PER_MINUTE, DEFAULT_COMPLETIONS_PER_MINUTE, DEFAULT_EMBEDDINGS_PER_MINUTE,
-    DEFAULT_IMAGES_PER_MINUTE, RateLimits, SimConfig, Simulator,
+    DEFAULT_IMAGES_PER_MINUTE, Faults, FaultsError, RateLimits, SimConfig, Simulator,
 };
 
 /// Options of `batchd simulate`.
@@ -49,11 +50,21 @@ pub struct SimulateArgs {
     /// Milliseconds to wait before each real-time response.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub realtime_delay_ms: u64,
+
+    /// TOML file of faults to inject; its keys are the fields of `batchd::simulate::Faults`,
+    /// such as `rate_limit_rate = 0.2`. Without it, no faults are injected.
+    #[arg(long, value_name = "FILE")]
+    pub faults: Option<PathBuf>,
 }
 
 impl SimulateArgs {
-    pub fn config(&self) -> SimConfig {
-        SimConfig {
+    /// Builds the simulator's settings, reading the fault file if one was given.
+    pub fn config(&self) -> Result<SimConfig, FaultsError> {
+        let faults = match &self.faults {
+            Some(path) => Faults::load(path)?,
+            None => Faults::default(),
+        };
+        Ok(SimConfig {
             turnaround: self.turnaround,
             seed: self.seed,
             limits: RateLimits {
@@ -63,7 +74,8 @@ impl SimulateArgs {
                 images_per_minute: self.images_rpm,
             },
             realtime_delay: Duration::from_millis(self.realtime_delay_ms),
-        }
+            faults,
+        })
     }
 }
 
@@ -79,7 +91,7 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 /// Binds the simulator, prints its base URL as the first line on stdout, and serves until
 /// `cancel` is cancelled.
 pub async fn run_cli(args: SimulateArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    let simulator = Simulator::bind(args.listen, args.config()).await?;
+    let simulator = Simulator::bind(args.listen, args.config()?).await?;
 
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", simulator.base_url())

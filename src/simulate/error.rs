@@ -30,6 +30,9 @@ pub enum SimulateError {
 
     #[error("the simulator's HTTP server failed: {0}")]
     Serve(std::io::Error),
+
+    #[error(transparent)]
+    InvalidFaults(#[from] super::faults::FaultsError),
 }
 
 /// An error in the inference shape, used by every `/v1` route except the batch routes.

@@ -230,6 +230,7 @@ pub(super) async fn delete_file(
         .files
         .remove(&file_id)
         .ok_or_else(|| not_found(&file_id))?;
+    shared.stats.update(|stats| stats.files_deleted += 1);
     Ok(Json(json!({"id": file_id, "object": "file", "deleted": true})).into_response())
 }
 

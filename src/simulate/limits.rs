@@ -1,6 +1,7 @@
 //! Per-endpoint rate limits: each real-time endpoint keeps the times of the requests it accepted
 //! in the last 60 seconds and rejects a request when that count has reached the endpoint's
-//! requests-per-minute limit.
+//! requests-per-minute limit. With a token limit set, it also keeps the estimated tokens of those
+//! requests and rejects a request while their sum has reached the limit.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -49,10 +50,28 @@ impl Endpoint {
     }
 }
 
+/// The limit that rejected a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rejection {
+    Requests,
+    Tokens,
+}
+
+/// The values of the `x-tokenlimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TokenAdmission {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Whole seconds, rounded up, until the oldest tokens in the window leave it.
+    pub reset_secs: u64,
+}
+
 /// The limiter's decision on one request, with the values of the `x-ratelimit-*` headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Admission {
     pub accepted: bool,
+    /// The limit that rejected the request; `None` when it was accepted.
+    pub rejection: Option<Rejection>,
     pub limit: u32,
     pub remaining: u32,
     /// Whole seconds, rounded up, until the oldest request in the window leaves it and frees a
@@ -60,12 +79,18 @@ pub(super) struct Admission {
     pub reset_secs: u64,
     /// Accepted requests in the window ending now, this one included when it was accepted.
     pub in_window: usize,
+    /// The token window, when a token limit is set.
+    pub tokens: Option<TokenAdmission>,
 }
 
 impl Admission {
-    /// Value of `Retry-After` for a rejected request: at least one second.
+    /// Returns the wait before a retry of a rejected request can succeed: at least one second.
     pub fn retry_after_secs(&self) -> u64 {
-        self.reset_secs.max(1)
+        let reset = match (self.rejection, self.tokens) {
+            (Some(Rejection::Tokens), Some(tokens)) => tokens.reset_secs,
+            _ => self.reset_secs,
+        };
+        reset.max(1)
     }
 }
 
@@ -86,6 +111,12 @@ impl SlidingWindow {
 
     /// Decides on a request arriving at `now`. Calls must come with non-decreasing `now`.
     pub fn admit(&mut self, now: Instant) -> Admission {
+        self.decide(now, true)
+    }
+
+    /// Decides on a request arriving at `now`, which another limit already rejected unless
+    /// `allowed`. A rejected request takes no slot.
+    fn decide(&mut self, now: Instant, allowed: bool) -> Admission {
         // A request at time t stays in the window while now - t < WINDOW, so the window is the
         // half-open interval (now - WINDOW, now].
         while let Some(&oldest) = self.accepted.front() {
@@ -96,7 +127,8 @@ impl SlidingWindow {
             }
         }
 
-        let accepted = self.accepted.len() < self.limit as usize;
+        let has_room = self.accepted.len() < self.limit as usize;
+        let accepted = allowed && has_room;
         if accepted {
             self.accepted.push_back(now);
         }
@@ -108,10 +140,62 @@ impl SlidingWindow {
         };
         Admission {
             accepted,
+            rejection: (!has_room).then_some(Rejection::Requests),
             limit: self.limit,
             remaining: self.limit.saturating_sub(self.accepted.len() as u32),
             reset_secs,
             in_window: self.accepted.len(),
+            tokens: None,
+        }
+    }
+}
+
+/// The estimated tokens of the requests that one endpoint accepted within the last [`WINDOW`].
+#[derive(Debug)]
+struct TokenWindow {
+    limit: u64,
+    accepted: VecDeque<(Instant, u64)>,
+    total: u64,
+}
+
+impl TokenWindow {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            accepted: VecDeque::new(),
+            total: 0,
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some(&(oldest, tokens)) = self.accepted.front() {
+            if now.duration_since(oldest) >= WINDOW {
+                self.accepted.pop_front();
+                self.total -= tokens;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Returns whether a request may start. A request is judged before its tokens are known
+    /// exactly, so one large request may take the total above the limit.
+    fn has_room(&self) -> bool {
+        self.total < self.limit
+    }
+
+    fn record(&mut self, now: Instant, tokens: u64) {
+        self.accepted.push_back((now, tokens));
+        self.total += tokens;
+    }
+
+    fn admission(&self, now: Instant) -> TokenAdmission {
+        TokenAdmission {
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(self.total),
+            reset_secs: self.accepted.front().map_or(0, |&(oldest, _)| {
+                ceil_secs(WINDOW - now.duration_since(oldest))
+            }),
         }
     }
 }
@@ -120,32 +204,60 @@ fn ceil_secs(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
-/// One [`SlidingWindow`] per endpoint, behind one lock, so that requests are decided in the order
-/// in which they took the lock.
+/// The request window and the optional token window of one endpoint.
+#[derive(Debug)]
+struct EndpointWindows {
+    requests: SlidingWindow,
+    tokens: Option<TokenWindow>,
+}
+
+/// The windows of every endpoint, behind one lock, so that requests are decided in the order in
+/// which they took the lock.
 #[derive(Debug)]
 pub(super) struct Limiters {
-    windows: Mutex<BTreeMap<Endpoint, SlidingWindow>>,
+    windows: Mutex<BTreeMap<Endpoint, EndpointWindows>>,
 }
 
 impl Limiters {
-    pub fn new(limits: &RateLimits) -> Self {
+    /// Builds the windows; `tokens_per_minute` adds a token window to every endpoint.
+    pub fn new(limits: &RateLimits, tokens_per_minute: Option<u64>) -> Self {
         let windows = Endpoint::ALL
             .into_iter()
-            .map(|endpoint| (endpoint, SlidingWindow::new(endpoint.limit(limits))))
+            .map(|endpoint| {
+                let windows = EndpointWindows {
+                    requests: SlidingWindow::new(endpoint.limit(limits)),
+                    tokens: tokens_per_minute.map(TokenWindow::new),
+                };
+                (endpoint, windows)
+            })
             .collect();
         Self {
             windows: Mutex::new(windows),
         }
     }
 
-    pub fn admit(&self, endpoint: Endpoint) -> Admission {
+    /// Decides on a request of about `tokens` tokens, and counts it when it is accepted.
+    pub fn admit(&self, endpoint: Endpoint, tokens: u64) -> Admission {
         let mut windows = self.windows.lock().expect("rate limiter lock poisoned");
         // Reading the clock under the lock keeps `now` non-decreasing for each window.
         let now = Instant::now();
-        windows
+        let windows = windows
             .get_mut(&endpoint)
-            .expect("every endpoint has a window")
-            .admit(now)
+            .expect("every endpoint has windows");
+        let Some(token_window) = &mut windows.tokens else {
+            return windows.requests.admit(now);
+        };
+
+        token_window.prune(now);
+        let token_room = token_window.has_room();
+        let mut admission = windows.requests.decide(now, token_room);
+        if admission.accepted {
+            token_window.record(now, tokens);
+        } else if admission.rejection.is_none() {
+            admission.rejection = Some(Rejection::Tokens);
+        }
+        admission.tokens = Some(token_window.admission(now));
+        admission
     }
 }
 
@@ -184,6 +296,27 @@ mod tests {
         let rejected = window.admit(at(start, 59_500));
         assert_eq!(rejected.reset_secs, 1);
         assert_eq!(rejected.retry_after_secs(), 1);
+    }
+
+    #[test]
+    fn token_window_rejects_once_full() {
+        let limits = RateLimits::default();
+        let limiters = Limiters::new(&limits, Some(10));
+        let first = limiters.admit(Endpoint::Chat, 6);
+        assert!(first.accepted);
+        assert_eq!(first.tokens.unwrap().remaining, 4);
+
+        // A request is judged before its tokens count, so this one overshoots the limit.
+        let second = limiters.admit(Endpoint::Chat, 6);
+        assert!(second.accepted);
+        assert_eq!(second.tokens.unwrap().remaining, 0);
+
+        let third = limiters.admit(Endpoint::Chat, 1);
+        assert!(!third.accepted);
+        assert_eq!(third.rejection, Some(Rejection::Tokens));
+        assert_eq!(third.retry_after_secs(), 60);
+        // The rejected request took no request slot.
+        assert_eq!(third.in_window, 2);
     }
 
     #[test]

@@ -8,20 +8,33 @@
 //! creation on every request that reads it, and its output and error files are written the first
 //! time it is found terminal. Everything lives in memory and is lost when the simulator stops.
 //!
+//! [`SimConfig::faults`] injects the failures the real service shows: rate limits, overload,
+//! server errors, dropped connections, latency, failed, expired and stalled jobs, error lines and
+//! odd status spellings. Each decision is a deterministic function of the seed and the request.
+//!
 //! Routes outside Together's API: `PUT /_sim/uploads/{file_id}` is the presigned upload URL of
-//! the two-step file upload, and `GET /_sim/stats` returns [`SimStats`].
+//! the two-step file upload, `GET /_sim/stats` returns [`SimStats`], and `GET /_sim/requests`
+//! returns every API request as a [`RequestRecord`], in arrival order.
 
 mod answers;
 mod batch_input;
+mod batch_lines;
+mod batch_store;
 mod batches;
 mod cli;
+mod connection;
+mod dice;
 mod error;
+mod faults;
 mod files;
 mod ids;
 mod jobs;
 mod limits;
 mod models;
+mod models_v2;
 mod realtime;
+mod realtime_faults;
+mod request_log;
 mod stats;
 mod uploads;
 
@@ -42,8 +55,14 @@ use tokio_util::sync::CancellationToken;
 pub use answers::{EMBEDDING_DIMENSION, chat_answer_text, embedding_vector};
 pub use cli::{SimulateArgs, run_cli};
 pub use error::SimulateError;
+pub use faults::{
+    DEFAULT_EXPIRE_COMPLETED_FRACTION, DEFAULT_JOB_DEADLINE_SECS, DEFAULT_RETRY_AFTER_SECS, Faults,
+    FaultsError, RateLimitKind, RetryAfterStyle, StatusCase, Window,
+};
+pub use request_log::RequestRecord;
 pub use stats::{SimStats, SimStatsHandle};
 
+use connection::{Connection, SeverableListener};
 use error::ApiError;
 
 /// Default time from batch creation to `COMPLETED`.
@@ -62,12 +81,14 @@ pub const DEFAULT_IMAGES_PER_MINUTE: u32 = 60;
 pub struct SimConfig {
     /// Time from batch creation to `COMPLETED`. The first tenth of it is spent `VALIDATING`.
     pub turnaround: Duration,
-    /// Seed of the order in which batch output lines are written.
+    /// Seed of the order in which batch output lines are written and of every fault decision.
     pub seed: u64,
     /// Requests per minute accepted by each real-time endpoint.
     pub limits: RateLimits,
     /// Extra latency before each real-time response, so that tests can hold calls in flight.
     pub realtime_delay: Duration,
+    /// Faults to inject; the default injects none.
+    pub faults: Faults,
 }
 
 impl Default for SimConfig {
@@ -77,6 +98,7 @@ impl Default for SimConfig {
             seed: 0,
             limits: RateLimits::default(),
             realtime_delay: Duration::ZERO,
+            faults: Faults::default(),
         }
     }
 }
@@ -105,10 +127,16 @@ impl Default for RateLimits {
 /// State shared by all request handlers of one simulator.
 struct Shared {
     config: SimConfig,
+    /// The job timeline and status spelling, derived from `config`.
+    job_settings: jobs::JobSettings,
     /// Scheme, host and port, such as `http://127.0.0.1:41234`, for absolute URLs.
     origin: String,
+    /// When the simulator was bound, the origin of overload windows and request times.
+    started: Instant,
     stats: SimStatsHandle,
     limiters: limits::Limiters,
+    dice: dice::Dice,
+    request_log: request_log::RequestLog,
     store: Mutex<Store>,
 }
 
@@ -116,7 +144,7 @@ struct Shared {
 #[derive(Default)]
 struct Store {
     files: files::FileStore,
-    batches: jobs::BatchStore,
+    batches: batch_store::BatchStore,
 }
 
 impl Shared {
@@ -125,38 +153,45 @@ impl Shared {
     fn current_store(&self) -> MutexGuard<'_, Store> {
         let mut store = self.store.lock().expect("store lock poisoned");
         let Store { files, batches } = &mut *store;
-        batches.refresh_all(Instant::now(), self.config.turnaround, files);
+        let line_errors = batches.refresh_all(Instant::now(), &self.job_settings, files);
+        self.stats
+            .record_faults(faults::FaultKind::LineError, line_errors);
         store
     }
 }
 
 /// A bound simulator, ready to [`run`](Simulator::run).
 pub struct Simulator {
-    listener: TcpListener,
+    listener: SeverableListener,
     shared: Arc<Shared>,
 }
 
 impl Simulator {
     /// Binds the listener. Rejects any address that is not loopback (127.0.0.0/8 or ::1) with a
-    /// clear error naming the address; port 0 picks a free port.
+    /// clear error naming the address, and rejects invalid faults. Port 0 picks a free port.
     pub async fn bind(addr: SocketAddr, config: SimConfig) -> Result<Simulator, SimulateError> {
         if !addr.ip().is_loopback() {
             return Err(SimulateError::NotLoopback { addr });
         }
+        config.faults.validate()?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| SimulateError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(SimulateError::LocalAddr)?;
 
         let shared = Shared {
+            job_settings: jobs::JobSettings::new(&config),
             origin: format!("http://{local_addr}"),
+            started: Instant::now(),
             stats: SimStatsHandle::default(),
-            limiters: limits::Limiters::new(&config.limits),
+            limiters: limits::Limiters::new(&config.limits, config.faults.token_limit_per_minute),
+            dice: dice::Dice::new(config.seed),
+            request_log: request_log::RequestLog::default(),
             store: Mutex::new(Store::default()),
             config,
         };
         Ok(Simulator {
-            listener,
+            listener: SeverableListener::new(listener),
             shared: Arc::new(shared),
         })
     }
@@ -175,7 +210,8 @@ impl Simulator {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), SimulateError> {
         let base_url = self.base_url();
         tracing::info!(base_url, "simulator listening");
-        axum::serve(self.listener, router(self.shared))
+        let app = router(self.shared).into_make_service_with_connect_info::<Connection>();
+        axum::serve(self.listener, app)
             .with_graceful_shutdown(cancel.cancelled_owned())
             .await
             .map_err(SimulateError::Serve)?;
@@ -208,14 +244,26 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/embeddings", post(realtime::embeddings))
         .route("/v1/images/generations", post(realtime::image_generations))
         .route("/v1/models", get(models::list_models))
+        .route(
+            "/v2/supported-models",
+            get(models_v2::list_supported_models),
+        )
+        .route(
+            "/v2/projects/{project_id}/models",
+            get(models_v2::list_project_models),
+        )
         .route_layer(middleware::from_fn(require_api_key));
 
     Router::new()
         .merge(api)
         .route("/_sim/uploads/{file_id}", put(uploads::put_upload))
         .route("/_sim/stats", get(stats::get_stats))
+        .route("/_sim/requests", get(request_log::get_requests))
         .fallback(unknown_route)
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            request_log::track_request,
+        ))
         .layer(DefaultBodyLimit::max(files::MAX_REQUEST_BYTES))
         .with_state(shared)
 }
@@ -237,18 +285,10 @@ async fn require_api_key(request: Request, next: Next) -> Response {
     }
 }
 
-async fn log_request(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
-    tracing::debug!(%method, path, status = response.status().as_u16(), "simulator request");
-    response
-}
-
 async fn unknown_route(request: Request) -> ApiError {
     ApiError::not_found(format!(
         "no route for {} {}; the simulator serves the files, batches, chat, completions, \
-         embeddings, images and models endpoints under /v1",
+         embeddings, images and models endpoints under /v1, and the model lists of /v2",
         request.method(),
         request.uri().path()
     ))

@@ -1,6 +1,8 @@
 //! The model catalogue that `GET /v1/models` returns and that every request's `model` is checked
-//! against. The entries are real Together model ids. Their prices, context lengths and `created`
-//! times are approximations of Together's published values, for clients to parse.
+//! against. The entries are real Together model ids. Their prices, context lengths, output limits
+//! and `created` times are approximations of Together's published values, for clients to parse.
+//! Each entry also states whether batch jobs accept the model. Together offers no batch inference
+//! for `deepseek-ai/DeepSeek-R1` and `deepseek-ai/DeepSeek-V3.1`, so their jobs fail.
 
 use axum::Json;
 use serde_json::{Value, json};
@@ -27,16 +29,21 @@ impl ModelKind {
 pub(super) struct Model {
     pub id: &'static str,
     pub kind: ModelKind,
-    display_name: &'static str,
-    organization: &'static str,
+    pub display_name: &'static str,
+    pub organization: &'static str,
     license: &'static str,
-    context_length: u32,
-    created: i64,
-    input_price: f64,
-    output_price: f64,
+    pub context_length: u32,
+    /// Unix seconds.
+    pub created: i64,
+    pub input_price: f64,
+    pub output_price: f64,
+    /// Whether batch jobs accept the model.
+    pub batchable: bool,
+    /// Maximum `max_tokens` of a request; `None` for models that generate no text.
+    pub max_output_tokens: Option<u64>,
 }
 
-// NOTE: prices and dates are estimates, so a client should rely on their types only.
+// NOTE: prices, dates and output limits are estimates, so a client should rely on their types only.
 const CATALOGUE: &[Model] = &[
     Model {
         id: "meta-llama/Llama-3.3-70B-Instruct-Turbo",
@@ -48,6 +55,8 @@ const CATALOGUE: &[Model] = &[
         created: 1_733_443_200,
         input_price: 0.88,
         output_price: 0.88,
+        batchable: true,
+        max_output_tokens: Some(8_192),
     },
     Model {
         id: "Qwen/Qwen2.5-7B-Instruct-Turbo",
@@ -59,6 +68,8 @@ const CATALOGUE: &[Model] = &[
         created: 1_726_617_600,
         input_price: 0.30,
         output_price: 0.30,
+        batchable: true,
+        max_output_tokens: Some(8_192),
     },
     Model {
         id: "deepseek-ai/DeepSeek-V3.1",
@@ -70,6 +81,21 @@ const CATALOGUE: &[Model] = &[
         created: 1_755_734_400,
         input_price: 0.60,
         output_price: 1.70,
+        batchable: false,
+        max_output_tokens: Some(32_768),
+    },
+    Model {
+        id: "deepseek-ai/DeepSeek-R1",
+        kind: ModelKind::Chat,
+        display_name: "DeepSeek R1",
+        organization: "DeepSeek",
+        license: "mit",
+        context_length: 163_840,
+        created: 1_737_331_200,
+        input_price: 3.00,
+        output_price: 7.00,
+        batchable: false,
+        max_output_tokens: Some(32_768),
     },
     Model {
         id: "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo",
@@ -81,6 +107,8 @@ const CATALOGUE: &[Model] = &[
         created: 1_721_692_800,
         input_price: 0.18,
         output_price: 0.18,
+        batchable: true,
+        max_output_tokens: Some(8_192),
     },
     Model {
         id: "BAAI/bge-large-en-v1.5",
@@ -92,6 +120,8 @@ const CATALOGUE: &[Model] = &[
         created: 1_695_081_600,
         input_price: 0.02,
         output_price: 0.0,
+        batchable: false,
+        max_output_tokens: None,
     },
     Model {
         id: "BAAI/bge-base-en-v1.5",
@@ -103,6 +133,8 @@ const CATALOGUE: &[Model] = &[
         created: 1_695_081_600,
         input_price: 0.008,
         output_price: 0.0,
+        batchable: false,
+        max_output_tokens: None,
     },
     Model {
         id: "black-forest-labs/FLUX.1-schnell",
@@ -114,8 +146,15 @@ const CATALOGUE: &[Model] = &[
         created: 1_722_470_400,
         input_price: 0.0027,
         output_price: 0.0,
+        batchable: false,
+        max_output_tokens: None,
     },
 ];
+
+/// Returns every model, in catalogue order.
+pub(super) fn all() -> &'static [Model] {
+    CATALOGUE
+}
 
 /// Looks up a model by its exact id.
 pub(super) fn find(id: &str) -> Option<&'static Model> {
@@ -133,6 +172,8 @@ fn model_json(model: &Model) -> Value {
         "link": format!("https://huggingface.co/{}", model.id),
         "license": model.license,
         "context_length": model.context_length,
+        "max_output_tokens": model.max_output_tokens,
+        "batchable": model.batchable,
         "pricing": {
             "hourly": 0.0,
             "input": model.input_price,

@@ -1,23 +1,26 @@
 //! The real-time endpoints: chat completions, text completions, embeddings and image generation.
 //!
 //! Each request first passes its endpoint's rate limiter and is counted in the stats. A rejected
-//! request gets a 429 with `Retry-After`, and every response carries `x-ratelimit-limit`,
-//! `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds). An accepted request then waits the
-//! configured real-time delay before its response is built.
+//! request gets a 429 that announces the wait in the style of
+//! [`super::Faults::retry_after`]. Every response carries `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset`
+//! (seconds), plus `x-tokenlimit-limit` and `x-tokenlimit-remaining` when a token limit is set.
+//! An accepted request may then get an injected fault ([`super::realtime_faults`]). It waits the
+//! configured real-time delay and any injected latency before its response is built.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::Shared;
 use super::answers::{self, RequestError};
 use super::error::ApiError;
-use super::limits::{Admission, Endpoint};
+use super::limits::{Admission, Endpoint, Rejection};
+use super::realtime_faults::{self, RealtimeFault, RealtimePlan, add_retry_after};
 
 /// `POST /v1/chat/completions`.
 pub(super) async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
@@ -57,40 +60,76 @@ pub(super) async fn image_generations(State(shared): State<Arc<Shared>>, body: B
     .await
 }
 
-/// Applies the rate limit, the stats and the delay, then responds with the body that
-/// `build_body` returns.
+/// Applies the rate limits, the faults, the stats and the delay, then responds with the body
+/// that `build_body` returns.
 async fn serve(
     shared: &Shared,
     endpoint: Endpoint,
     body: &[u8],
     build_body: impl FnOnce(&Value) -> Result<Value, ApiError>,
 ) -> Response {
-    let admission = shared.limiters.admit(endpoint);
+    let request = parse_body(body);
+    let model = request
+        .as_ref()
+        .ok()
+        .and_then(|request| request.get("model")?.as_str().map(str::to_owned));
+    let tokens = request.as_ref().map_or(0, estimate_tokens);
+
+    let admission = shared.limiters.admit(endpoint, tokens);
+    let plan = if admission.accepted {
+        realtime_faults::plan(shared, endpoint.path(), body, model.as_deref())
+    } else {
+        RealtimePlan::default()
+    };
+    let injected_429 = plan.fault == Some(RealtimeFault::RateLimited);
     shared.stats.update(|stats| {
         let path = endpoint.path().to_owned();
         *stats.realtime_requests.entry(path.clone()).or_default() += 1;
         if admission.accepted {
             let max = stats.realtime_max_per_minute.entry(path).or_default();
             *max = (*max).max(admission.in_window as u64);
-        } else {
+        }
+        if !admission.accepted || injected_429 {
             stats.rate_limited += 1;
         }
     });
 
-    let mut response = if admission.accepted {
-        let delay = shared.config.realtime_delay;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        match parse_body(body).and_then(|request| build_body(&request)) {
+    let mut delay = plan.latency;
+    if admission.accepted {
+        delay += shared.config.realtime_delay;
+    }
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
+    let mut response = match (admission.accepted, plan.fault) {
+        (false, _) => rate_limited(shared, endpoint, &admission),
+        (true, Some(fault)) => realtime_faults::fault_response(shared, fault, model.as_deref()),
+        (true, None) => match request.and_then(|request| build_body(&request)) {
             Ok(value) => Json(value).into_response(),
             Err(error) => error.into_response(),
-        }
-    } else {
-        rate_limited(endpoint, &admission).into_response()
+        },
     };
     add_rate_limit_headers(response.headers_mut(), &admission);
     response
+}
+
+/// Estimates the tokens of a request as the number of whitespace-separated words in its string
+/// values, leaving out `model`.
+fn estimate_tokens(request: &Value) -> u64 {
+    fn words(value: &Value) -> u64 {
+        match value {
+            Value::String(text) => text.split_whitespace().count() as u64,
+            Value::Array(items) => items.iter().map(words).sum(),
+            Value::Object(fields) => fields
+                .iter()
+                .filter(|(name, _)| name.as_str() != "model")
+                .map(|(_, value)| words(value))
+                .sum(),
+            _ => 0,
+        }
+    }
+    words(request)
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -125,31 +164,50 @@ fn request_error(error: RequestError) -> ApiError {
     }
 }
 
-fn rate_limited(endpoint: Endpoint, admission: &Admission) -> Response {
+fn rate_limited(shared: &Shared, endpoint: Endpoint, admission: &Admission) -> Response {
     let retry_after = admission.retry_after_secs();
-    let error = ApiError {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        message: format!(
-            "rate limit exceeded: {} accepts {} requests per minute; retry after {retry_after} s",
-            endpoint.path(),
-            admission.limit
-        ),
-        error_type: "rate_limit_exceeded",
-        code: Some("rate_limit_exceeded"),
+    let error = match (admission.rejection, admission.tokens) {
+        (Some(Rejection::Tokens), Some(tokens)) => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "token rate limit exceeded: {} accepts about {} tokens per minute; retry after \
+                 {retry_after} s",
+                endpoint.path(),
+                tokens.limit
+            ),
+            error_type: "dynamic_token_limited",
+            code: None,
+        },
+        _ => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "rate limit exceeded: {} accepts {} requests per minute; retry after {retry_after} s",
+                endpoint.path(),
+                admission.limit
+            ),
+            error_type: "rate_limit_exceeded",
+            code: Some("rate_limit_exceeded"),
+        },
     };
     let mut response = error.into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    add_retry_after(
+        response.headers_mut(),
+        shared.config.faults.retry_after,
+        retry_after as f64,
+    );
     response
 }
 
 fn add_rate_limit_headers(headers: &mut HeaderMap, admission: &Admission) {
-    let values = [
+    let mut values = vec![
         ("x-ratelimit-limit", u64::from(admission.limit)),
         ("x-ratelimit-remaining", u64::from(admission.remaining)),
         ("x-ratelimit-reset", admission.reset_secs),
     ];
+    if let Some(tokens) = admission.tokens {
+        values.push(("x-tokenlimit-limit", tokens.limit));
+        values.push(("x-tokenlimit-remaining", tokens.remaining));
+    }
     for (name, value) in values {
         headers.insert(HeaderName::from_static(name), HeaderValue::from(value));
     }
