@@ -185,7 +185,10 @@ fn decide_fate(
         let reason = format!("The model {model} is at capacity, please try again later");
         return (Err(reason), Fate::Complete);
     }
-    if roll.chance("batch_expire", faults.batch_expire_rate) {
+    let created_before = shared.stats.snapshot().batches_created;
+    if created_before < u64::from(faults.expire_first_jobs)
+        || roll.chance("batch_expire", faults.batch_expire_rate)
+    {
         shared.stats.record_fault(FaultKind::BatchExpired);
         let fate = Fate::Expire {
             completed_fraction: faults.expire_completed_fraction,

@@ -50,6 +50,11 @@ pub(super) struct Roll {
 }
 
 impl Roll {
+    /// Returns how many times this request key was seen before this occurrence.
+    pub fn occurrence(&self) -> u64 {
+        self.occurrence
+    }
+
     /// Returns 64 pseudo-random bits for the decision `decision` about `item` (such as one line's
     /// `custom_id`, or empty for a decision about the whole request).
     pub fn bits(&self, decision: &str, item: &[u8]) -> u64 {

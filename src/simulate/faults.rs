@@ -27,6 +27,9 @@ pub struct Faults {
     pub realtime_paths: Vec<String>,
     /// Share of real-time requests that get a 429, on top of the per-minute windows.
     pub rate_limit_rate: f64,
+    /// The first this-many times a request body is sent, it is answered 429; later tries go
+    /// through. Makes "first attempt refused, retry succeeds" exact.
+    pub rate_limit_first: u32,
     /// Error body of the injected 429s.
     pub rate_limit_kind: RateLimitKind,
     /// Style in which every 429, injected or from a per-minute window, announces the wait.
@@ -57,6 +60,8 @@ pub struct Faults {
     pub capacity_fail_models: Vec<String>,
     /// Share of batch jobs that end `EXPIRED` at the deadline.
     pub batch_expire_rate: f64,
+    /// The first this-many jobs created end EXPIRED, whatever `batch_expire_rate` says.
+    pub expire_first_jobs: u32,
     /// Share of an expiring job's lines that reach the output file; the others reach no file.
     pub expire_completed_fraction: f64,
     /// Time from a job's creation to its deadline, in seconds.
@@ -79,6 +84,7 @@ impl Default for Faults {
         Self {
             realtime_paths: Vec::new(),
             rate_limit_rate: 0.0,
+            rate_limit_first: 0,
             rate_limit_kind: RateLimitKind::default(),
             retry_after: RetryAfterStyle::default(),
             retry_after_secs: DEFAULT_RETRY_AFTER_SECS,
@@ -93,6 +99,7 @@ impl Default for Faults {
             batch_fail_rate: 0.0,
             capacity_fail_models: Vec::new(),
             batch_expire_rate: 0.0,
+            expire_first_jobs: 0,
             expire_completed_fraction: DEFAULT_EXPIRE_COMPLETED_FRACTION,
             job_deadline_secs: DEFAULT_JOB_DEADLINE_SECS,
             line_error_rate: 0.0,
@@ -264,6 +271,7 @@ impl Faults {
     /// the request body.
     pub(super) fn has_realtime_draws(&self) -> bool {
         self.rate_limit_rate > 0.0
+            || self.rate_limit_first > 0
             || self.server_error_rate > 0.0
             || self.drop_rate > 0.0
             || self.latency_max_ms > 0

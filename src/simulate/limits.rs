@@ -75,7 +75,7 @@ pub(super) struct Admission {
     pub limit: u32,
     pub remaining: u32,
     /// Whole seconds, rounded up, until the oldest request in the window leaves it and frees a
-    /// slot. It is the full window when the limit is 0, and 0 when the window is empty.
+    /// slot. It is the full window when the limit is 0, and 0 while the window has room.
     pub reset_secs: u64,
     /// Accepted requests in the window ending now, this one included when it was accepted.
     pub in_window: usize,
@@ -133,7 +133,11 @@ impl SlidingWindow {
             self.accepted.push_back(now);
         }
 
+        // A window with room left needs no wait, so only a full one announces when its oldest
+        // request leaves and frees a slot.
+        let room_left = self.accepted.len() < self.limit as usize;
         let reset_secs = match self.accepted.front() {
+            _ if room_left => 0,
             Some(&oldest) => ceil_secs(WINDOW - now.duration_since(oldest)),
             None if self.limit == 0 => WINDOW.as_secs(),
             None => 0,

@@ -79,7 +79,11 @@ pub(super) fn plan(shared: &Shared, path: &str, body: &[u8], model: Option<&str>
     } else if overloaded_model {
         injected.push(FaultKind::OverloadedModel);
         Some(RealtimeFault::Overloaded)
-    } else if chance("rate_limit", faults.rate_limit_rate) {
+    } else if roll
+        .as_ref()
+        .is_some_and(|r| r.occurrence() < u64::from(faults.rate_limit_first))
+        || chance("rate_limit", faults.rate_limit_rate)
+    {
         injected.push(FaultKind::RateLimit);
         Some(RealtimeFault::RateLimited)
     } else if chance("server_error", faults.server_error_rate) {
