@@ -24,7 +24,9 @@ SELECT f.name            AS input_file,
        w.prompt_tokens   AS prompt_tokens,
        w.completion_tokens AS completion_tokens,
        w.total_tokens    AS total_tokens,
-       CASE WHEN w.batch_id IS NULL THEN 'realtime' ELSE 'batch' END AS path,
+       CASE WHEN w.batch_id IS NOT NULL THEN 'batch'
+            WHEN w.attempts > 0 OR w.state = 'in_flight' THEN 'realtime'
+            ELSE 'none' END AS path,
        w.finished_at     AS finished_at,
        COALESCE(w.model_used, CASE WHEN w.state = 'succeeded' THEN w.model END) AS model_used
 FROM work_items w

@@ -103,8 +103,8 @@ fn demo_config(workdir: &Path, base_url: &str) -> anyhow::Result<Config> {
     )?)
 }
 
-/// Runs the demo. Returns the process exit code: 0 once every item is terminal, 1 if any
-/// input line was lost.
+/// Runs the demo. Returns the process exit code: 0 once every item is terminal and every
+/// input line is either an item or a reported bad line, 1 if any line was lost.
 pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     let mut inputs: Vec<(String, Vec<u8>)> = Vec::new();
@@ -126,6 +126,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
                     path.display()
                 );
             }
+            register_models(&bytes);
             inputs.push((name, bytes));
         }
     }
@@ -177,10 +178,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let status = status?;
     let stats = stats.snapshot();
 
-    let bad_lines: u64 = status.files.iter().map(|f| f.errors).sum();
+    let reports = read_reports(&workdir);
+    let bad_lines: u64 = reports.iter().map(|r| r.error_count).sum();
     let total = status.items.get("total").copied().unwrap_or(0);
     let lost = lines.saturating_sub(total + bad_lines) + status.unfinished();
     println!("{}", status.render().trim_end());
+    for report in reports.iter().filter(|r| r.disposition == "rejected") {
+        println!(
+            "rejected file: {} ({} bad lines, no usable line; see rejected/{}.report.json)",
+            report.file, report.error_count, report.file
+        );
+    }
     println!("batch jobs created: {}", stats.batches_created);
     println!("batch lines sent: {}", stats.batch_lines_total);
     let realtime: u64 = stats.realtime_requests.values().sum();
@@ -191,7 +199,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
     println!("database: {}", database.display());
     println!(
-        "try: sqlite3 {} \"SELECT custom_id, state, json_extract(response, '$.choices[0].message.content') FROM results LIMIT 3\"",
+        "try: sqlite3 {} \"SELECT custom_id, state, json_extract(response, '$.choices[0].message.content') FROM results WHERE endpoint = '/v1/chat/completions' LIMIT 3\"",
         database.display()
     );
     if lost > 0 {
@@ -199,6 +207,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// Adds the models a user's file names to the simulator's catalogue, so that a dry run accepts
+/// any model the real service might serve. Lines that do not parse are left to ingest to report.
+fn register_models(bytes: &[u8]) {
+    for line in bytes.split(|&b| b == b'\n') {
+        if let Ok(parsed) = crate::ingest::parse::parse_line(line.trim_ascii()) {
+            crate::simulate::add_model(&parsed.model, &parsed.endpoint);
+        }
+    }
+}
+
+/// Reads the reports of every file that left the inbox.
+fn read_reports(workdir: &Path) -> Vec<crate::ingest::Report> {
+    let mut reports = Vec::new();
+    for dir in ["processed", "rejected"] {
+        let Ok(entries) = std::fs::read_dir(workdir.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.to_string_lossy().ends_with(".report.json") {
+                continue;
+            }
+            if let Some(report) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                reports.push(report);
+            }
+        }
+    }
+    reports
 }
 
 /// Polls the database until every dropped file is ingested and every item is terminal.

@@ -59,6 +59,7 @@ pub use faults::{
     DEFAULT_EXPIRE_COMPLETED_FRACTION, DEFAULT_JOB_DEADLINE_SECS, DEFAULT_RETRY_AFTER_SECS, Faults,
     FaultsError, RateLimitKind, RetryAfterStyle, StatusCase, Window,
 };
+pub use models::add_model;
 pub use request_log::RequestRecord;
 pub use stats::{SimStats, SimStatsHandle};
 

@@ -4,6 +4,8 @@
 //! Each entry also states whether batch jobs accept the model. Together offers no batch inference
 //! for `deepseek-ai/DeepSeek-R1` and `deepseek-ai/DeepSeek-V3.1`, so their jobs fail.
 
+use std::sync::RwLock;
+
 use axum::Json;
 use serde_json::{Value, json};
 
@@ -156,9 +158,47 @@ pub(super) fn all() -> &'static [Model] {
     CATALOGUE
 }
 
+/// Models added at run time by [`add_model`], shared by every simulator in the process.
+static ADDED: RwLock<Vec<&'static Model>> = RwLock::new(Vec::new());
+
+/// Adds a model to the catalogue, so that a dry run of a user's file can use models the built-in
+/// list lacks. `endpoint` decides its kind. It is batchable, with a 4,096-token output limit.
+pub fn add_model(id: &str, endpoint: &str) {
+    if find(id).is_some() {
+        return;
+    }
+    let kind = match endpoint {
+        "/v1/embeddings" => ModelKind::Embedding,
+        "/v1/images/generations" => ModelKind::Image,
+        _ => ModelKind::Chat,
+    };
+    // Leaked once per distinct id, so the catalogue can hand out `'static` entries.
+    let model: &'static Model = Box::leak(Box::new(Model {
+        id: Box::leak(id.to_owned().into_boxed_str()),
+        kind,
+        display_name: "model added for a dry run",
+        organization: "unknown",
+        license: "unknown",
+        context_length: 32_768,
+        created: 1_735_689_600,
+        input_price: 0.0,
+        output_price: 0.0,
+        batchable: true,
+        max_output_tokens: (kind == ModelKind::Chat).then_some(4_096),
+    }));
+    ADDED.write().expect("model list lock").push(model);
+}
+
 /// Looks up a model by its exact id.
 pub(super) fn find(id: &str) -> Option<&'static Model> {
-    CATALOGUE.iter().find(|model| model.id == id)
+    CATALOGUE.iter().find(|model| model.id == id).or_else(|| {
+        ADDED
+            .read()
+            .expect("model list lock")
+            .iter()
+            .copied()
+            .find(|model| model.id == id)
+    })
 }
 
 fn model_json(model: &Model) -> Value {
@@ -186,5 +226,12 @@ fn model_json(model: &Model) -> Value {
 
 /// `GET /v1/models`: a bare JSON array, as Together sends it.
 pub(super) async fn list_models() -> Json<Value> {
-    Json(Value::Array(CATALOGUE.iter().map(model_json).collect()))
+    let added = ADDED.read().expect("model list lock");
+    Json(Value::Array(
+        CATALOGUE
+            .iter()
+            .chain(added.iter().copied())
+            .map(model_json)
+            .collect(),
+    ))
 }
