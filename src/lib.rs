@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fault;
 pub mod ingest;
 pub mod models;
 pub mod pack;

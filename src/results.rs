@@ -229,6 +229,7 @@ pub async fn harvest(
             continue;
         };
         let written = write_line(&mut tx, batch_id, item_id, line, &now, &mut counts).await?;
+        crate::fault::point("mid-results");
         if !written {
             counts.ignored += 1;
         }

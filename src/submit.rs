@@ -283,11 +283,13 @@ impl Submitter {
             .upload_batch_file(&batch.upload_name, content.into_bytes())
             .await
             .map_err(Step::Upload.err())?;
+        crate::fault::point("after-upload");
         self.store.record_upload(batch.id, &file.id).await?;
         Ok(file.id)
     }
 
-    /// Looks for this batch's file among the provider's files by its unique name.
+    /// Looks for this batch's file among the provider's files by its unique name. Only a file
+    /// whose upload completed (its line count is known and matches) is reused.
     async fn find_upload(&self, batch: &BatchRow) -> Result<Option<String>, SubmitError> {
         let files = self
             .provider
@@ -298,7 +300,7 @@ impl Submitter {
         Ok(files
             .into_iter()
             .filter(|f| f.filename.as_deref() == Some(batch.upload_name.as_str()))
-            .find(|f| f.line_count.is_none_or(|n| n == expected_lines))
+            .find(|f| f.line_count == Some(expected_lines))
             .map(|f| f.id))
     }
 
@@ -308,6 +310,7 @@ impl Submitter {
             .create_batch(&batch.endpoint, input_file_id, &batch.model)
             .await
             .map_err(Step::Create.err())?;
+        crate::fault::point("after-create");
         self.record_job(batch, &job.id, job.status.as_str()).await
     }
 

@@ -184,6 +184,7 @@ pub async fn ingest_file(
                     })
                     .await?;
                 report.items += 1;
+                crate::fault::point("mid-ingest");
             }
             Err(reason) => {
                 let message = format!("{}:{}: {reason}", path.display(), line.number);

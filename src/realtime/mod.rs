@@ -252,7 +252,10 @@ impl Realtime {
         };
         let result = self.provider.call(endpoint, &request).await;
         let outcome = match result {
-            Ok(answer) => self.record_answers(items, answer, fallback).await,
+            Ok(answer) => {
+                crate::fault::point("after-realtime-answer");
+                self.record_answers(items, answer, fallback).await
+            }
             Err(error) => self.record_failure(items, &error, limiter).await,
         };
         if let Err(error) = outcome {

@@ -59,6 +59,13 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config pointing at `base_url` (plus `extra` TOML) and starts `batchd run`.
     pub fn start(base_url: &str, extra: &str) -> Daemon {
+        let mut daemon = Daemon::prepare(base_url, extra);
+        daemon.spawn();
+        daemon
+    }
+
+    /// Writes the config and directory of a daemon without starting it.
+    pub fn prepare(base_url: &str, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("batchd.toml");
         let config = format!(
@@ -67,17 +74,20 @@ impl Daemon {
             db = dir.path().join("batchd.db").display().to_string(),
         );
         std::fs::write(&config_path, config).unwrap();
-        let mut daemon = Daemon {
+        Daemon {
             dir,
             config_path,
             child: None,
-        };
-        daemon.spawn();
-        daemon
+        }
     }
 
     /// Starts `batchd run`; its log is appended to `daemon.log` in the test directory.
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts `batchd run` with extra environment variables.
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -89,6 +99,7 @@ impl Daemon {
             .arg(&self.config_path)
             .env("TOGETHER_API_KEY", "test-key")
             .env("BATCHD_LOG", "warn,batchd=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -108,7 +119,8 @@ impl Daemon {
     /// Drops a file into the inbox the documented way: written as `.part`, then renamed.
     pub fn drop_file(&self, name: &str, bytes: &[u8]) {
         let inbox = self.path("inbox");
-        wait_for(|| inbox.is_dir(), "the inbox to exist");
+        // A daemon not started yet finds the file at its start-up scan.
+        std::fs::create_dir_all(&inbox).unwrap();
         let partial = inbox.join(format!("{name}.part"));
         std::fs::write(&partial, bytes).unwrap();
         std::fs::rename(&partial, inbox.join(name)).unwrap();
@@ -156,6 +168,36 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits for the daemon to exit by itself (at a fault point, say) and returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the daemon did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Returns the process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     /// Sends SIGTERM and waits for the exit status.

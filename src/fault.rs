@@ -1,0 +1,34 @@
+//! Named fault points: places where a crash test makes the process abort, to prove that a
+//! restart loses and duplicates nothing. They exist only in builds with the `failpoints`
+//! feature; elsewhere [`point`] compiles to nothing.
+//!
+//! `BATCHD_FAULT_POINT=NAME` aborts the first time the point is reached, `NAME:N` the N-th time.
+//! The points are `after-upload`, `after-create`, `mid-results`, `mid-ingest` and
+//! `after-realtime-answer`.
+
+/// Aborts the process here if `BATCHD_FAULT_POINT` names this point and its count is reached.
+#[cfg(feature = "failpoints")]
+pub fn point(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    let Ok(spec) = std::env::var("BATCHD_FAULT_POINT") else {
+        return;
+    };
+    let (wanted, nth) = match spec.split_once(':') {
+        Some((wanted, nth)) => (wanted.to_string(), nth.parse().unwrap_or(1)),
+        None => (spec, 1),
+    };
+    if wanted != name {
+        return;
+    }
+    if HITS.fetch_add(1, Ordering::SeqCst) + 1 >= nth {
+        eprintln!("fault point {name} reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Does nothing: fault points are compiled in only with the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn point(_name: &str) {}
