@@ -1,6 +1,6 @@
-//! The provider's model catalogue, fetched at start and refreshed on a schedule, so that ingest
-//! can fail at once an item whose model the provider does not serve, naming close matches,
-//! instead of letting it fail hours later inside a batch job.
+//! The provider's model catalogue, fetched at start and refreshed on a schedule. Ingest uses it
+//! to fail an item whose model the provider does not serve at once, naming close matches, rather
+//! than hours later inside a batch job.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
@@ -20,7 +20,7 @@ pub struct Catalogue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelCheck {
     Known,
-    /// The catalogue has not been fetched, so nothing can be said.
+    /// The catalogue has not been fetched, so the model was not checked.
     Unchecked,
     /// Not served; the message names the model and its close matches.
     Unknown(String),
@@ -95,16 +95,21 @@ impl Catalogue {
 /// Returns up to three catalogue ids most like `model`: same name ignoring case, the same last
 /// path segment, or a Jaro-Winkler similarity of at least 0.85.
 pub fn close_matches<'a>(model: &str, ids: impl Iterator<Item = &'a str>) -> Vec<String> {
-    let wanted = model.to_ascii_lowercase();
-    let wanted_tail = wanted.rsplit('/').next().unwrap_or(&wanted).to_string();
+    let requested = model.to_ascii_lowercase();
+    let requested_tail = requested
+        .rsplit('/')
+        .next()
+        .unwrap_or(&requested)
+        .to_string();
     let mut scored: Vec<(f64, &str)> = ids
         .filter_map(|id| {
             let lower = id.to_ascii_lowercase();
             let tail = lower.rsplit('/').next().unwrap_or(&lower);
-            let score = if lower == wanted || tail == wanted_tail {
+            let score = if lower == requested || tail == requested_tail {
                 2.0
             } else {
-                strsim::jaro_winkler(&wanted, &lower).max(strsim::jaro_winkler(&wanted_tail, tail))
+                strsim::jaro_winkler(&requested, &lower)
+                    .max(strsim::jaro_winkler(&requested_tail, tail))
             };
             (score >= 0.85).then_some((score, id))
         })

@@ -1,6 +1,6 @@
 //! Chaos: the real daemon binary is killed with SIGKILL at pseudo-random moments and restarted,
-//! while it works through mixed batch and real-time items. Nothing may be lost, answered twice,
-//! billed twice or stored twice.
+//! while it works through mixed batch and real-time items. No item may be lost, stored with two
+//! results, billed in two jobs, and no input file stored twice.
 //!
 //! `BATCHD_CHAOS_ITEMS` (default 1,000) and `BATCHD_CHAOS_KILLS` (default 10) set the size;
 //! docs/benchmarks.md gives the full-size command (5,000 items, 30 kills).

@@ -161,7 +161,7 @@ async fn crash_mid_ingest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_realtime_answer() {
     let (daemon, _sim) = crash_and_recover("after-realtime-answer").await;
-    // The answered call was not committed, so its item was queued and sent again.
+    // The response arrived but was not committed, so the item was queued and sent again.
     assert!(
         daemon
             .log()

@@ -100,7 +100,7 @@ async fn sigterm_drains_calls_and_loses_nothing() {
         .expect("STOPPING=1 sent");
     assert!(ready < stopping, "{messages:?}");
 
-    // The calls in flight finished within the grace period and their answers were kept.
+    // The calls in flight finished within the grace period and their responses were stored.
     let db = daemon.db().await;
     let urgent: Vec<String> =
         sqlx::query_scalar("SELECT state FROM results WHERE input_file = 'urgent.jsonl'")

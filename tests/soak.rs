@@ -1,5 +1,5 @@
 //! Soak: thousands of mixed items (batch chat, urgent chat, embeddings) through every fault at
-//! once. Every item must end terminal and every answer must belong to its own request.
+//! once. Every item must end terminal and every response must belong to its own request.
 //!
 //! `BATCHD_SOAK_ITEMS` sets the size (default 5,000; a fifth urgent chat, a fifth embeddings,
 //! the rest batch chat).
