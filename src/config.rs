@@ -105,6 +105,10 @@ pub struct IngestConfig {
     pub rescan_interval: Duration,
     /// Maximum input line length in bytes. Longer lines are reported and skipped.
     pub max_line_bytes: usize,
+    /// Larger files are rejected unread.
+    pub max_file_bytes: u64,
+    /// Reject a whole file when any of its lines is bad.
+    pub reject_file_on_error: bool,
     /// Fail items at ingest whose model is not in the provider's catalogue.
     pub check_models: bool,
     /// How often the model catalogue is fetched again.
@@ -205,6 +209,8 @@ struct RawIngest {
     settle_secs: Option<f64>,
     rescan_interval_secs: Option<f64>,
     max_line_bytes: Option<i64>,
+    max_file_bytes: Option<i64>,
+    reject_file_on_error: Option<bool>,
     check_models: Option<bool>,
     models_refresh_secs: Option<f64>,
 }
@@ -392,6 +398,13 @@ fn validate(raw: RawConfig, api_key: ApiKey) -> Result<Config, ConfigError> {
             8 << 20,
             1 << 30,
         ) as usize,
+        max_file_bytes: c.count(
+            "ingest.max_file_bytes",
+            raw.ingest.max_file_bytes,
+            1 << 30,
+            1 << 40,
+        ) as u64,
+        reject_file_on_error: raw.ingest.reject_file_on_error.unwrap_or(false),
         check_models: raw.ingest.check_models.unwrap_or(true),
         models_refresh: c.secs(
             "ingest.models_refresh_secs",

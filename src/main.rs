@@ -38,6 +38,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check input files as the daemon would, without a daemon; exits 1 if any line is bad.
+    Check {
+        /// JSONL files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Config file whose `[ingest]` limits and policy apply (defaults otherwise).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a local Together API simulator (loopback only) for tests and dry runs.
     Simulate(batchd::simulate::SimulateArgs),
     /// Run the simulator and the daemon together on example input or your own files.
@@ -79,6 +91,11 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Check {
+            files,
+            config,
+            json,
+        } => check(&files, config.as_deref(), json).await,
         Command::Simulate(args) => {
             init_logging("info");
             let cancel = CancellationToken::new();
@@ -91,6 +108,58 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             demo::run(args).await
         }
     }
+}
+
+/// Runs `batchd check`: prints each file's report and returns 1 if any file has a bad line.
+async fn check(
+    files: &[PathBuf],
+    config: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let ingest = match config {
+        Some(path) => Config::load(path)?.ingest,
+        None => {
+            let defaults = "[paths]\ninbox = \".\"\ndatabase = \"unused.db\"\n";
+            Config::from_toml(defaults, batchd::config::ApiKey::default())?.ingest
+        }
+    };
+    let limits = batchd::ingest::FileLimits::from(&ingest);
+    let mut reports = Vec::new();
+    for path in files {
+        reports.push(batchd::ingest::check_file(path, &limits).await?);
+    }
+    let clean = reports
+        .iter()
+        .all(|r| r.error_count == 0 && r.disposition != "rejected");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for (path, report) in files.iter().zip(&reports) {
+            println!(
+                "{}: {} lines, {} valid, {} invalid",
+                path.display(),
+                report.lines,
+                report.items,
+                report.error_count
+            );
+            for error in &report.errors {
+                println!("{}", error.message);
+            }
+            if report.error_count as usize > report.errors.len() {
+                println!(
+                    "... and {} more",
+                    report.error_count as usize - report.errors.len()
+                );
+            }
+            if let Some(reason) = &report.reason {
+                println!(
+                    "{}: the daemon would reject the whole file: {reason}",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(if clean { 0 } else { 1 })
 }
 
 /// Joins an error and its causes with ": ", skipping a cause whose text the message already

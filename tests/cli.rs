@@ -110,3 +110,39 @@ fn demo_runs_a_users_file_offline() {
     assert!(stdout.contains("succeeded         5"), "{stdout}");
     assert!(workdir.join("batchd.db").exists());
 }
+
+#[test]
+fn check_reports_bad_lines_without_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(
+        &good,
+        r#"{"custom_id": "a", "body": {"model": "m", "input": "text"}}"#,
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"custom_id\": \"a\", \"body\": {\"model\": \"m\", \"input\": \"text\"}}\nnot json\n",
+    )
+    .unwrap();
+
+    let output = batchd().arg("check").arg(&good).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    let output = batchd().arg("check").arg(&good).arg(&bad).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("good.jsonl: 1 lines, 1 valid, 0 invalid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{}:2: not valid JSON", bad.display())),
+        "{stdout}"
+    );
+}

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, BufReader};
 
 use super::IngestError;
-use super::lines::LineReader;
+use super::lines::{Line, LineReader};
 use super::parse::parse_line;
 use crate::config::PathsConfig;
 use crate::models::{Catalogue, ModelCheck};
@@ -45,6 +45,213 @@ pub struct Report {
     pub errors: Vec<LineError>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate_of: Option<String>,
+    /// Why the whole file was rejected, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Report {
+    fn empty(file: String, sha256: String, disposition: &str, urgent: bool) -> Report {
+        Report {
+            file,
+            sha256,
+            disposition: disposition.to_string(),
+            urgent,
+            lines: 0,
+            items: 0,
+            items_failed: 0,
+            error_count: 0,
+            errors: Vec::new(),
+            duplicate_of: None,
+            reason: None,
+        }
+    }
+
+    fn rejected_file(file: String, sha256: String, urgent: bool, reason: String) -> Report {
+        let mut report = Report::empty(file, sha256, "rejected", urgent);
+        report.reason = Some(reason);
+        report
+    }
+}
+
+/// Limits and policy applied to each input file.
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimits {
+    pub max_line_bytes: usize,
+    pub max_file_bytes: u64,
+    /// Reject the whole file when any line is bad, instead of ingesting the good lines.
+    pub reject_file_on_error: bool,
+}
+
+/// Returns why a file is too large to read, if it is.
+async fn too_big(path: &Path, max_file_bytes: u64) -> Result<Option<String>, IngestError> {
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| IngestError::io("read metadata of", path, e))?
+        .len();
+    Ok((size > max_file_bytes).then(|| {
+        format!("file is {size} bytes, more than the maximum of {max_file_bytes} (`ingest.max_file_bytes`): split it into smaller files")
+    }))
+}
+
+/// Returns why a checked file must be rejected as a whole, if it must.
+fn rejection(report: &Report, reject_file_on_error: bool) -> Option<String> {
+    if report.lines == 0 {
+        return Some("file has no request lines: it is empty or blank".to_string());
+    }
+    if report.items == 0 {
+        return Some(format!(
+            "none of the file's {} lines is a valid request",
+            report.lines
+        ));
+    }
+    if reject_file_on_error && report.error_count > 0 {
+        return Some(format!(
+            "{} of {} lines are invalid and `ingest.reject_file_on_error` is set: fix them and drop the file again",
+            report.error_count, report.lines
+        ));
+    }
+    None
+}
+
+/// Checks the lines of one file in order, building its report and the items of its good lines.
+pub struct LineChecker<'a> {
+    path: &'a Path,
+    urgent: bool,
+    max_line_bytes: usize,
+    catalogue: Option<&'a Catalogue>,
+    seen_ids: HashMap<String, u64>,
+    report: Report,
+}
+
+impl<'a> LineChecker<'a> {
+    pub fn new(
+        path: &'a Path,
+        name: String,
+        sha256: String,
+        urgent: bool,
+        max_line_bytes: usize,
+        catalogue: Option<&'a Catalogue>,
+    ) -> Self {
+        LineChecker {
+            path,
+            urgent,
+            max_line_bytes,
+            catalogue,
+            seen_ids: HashMap::new(),
+            report: Report::empty(name, sha256, "processed", urgent),
+        }
+    }
+
+    /// Checks one line. Returns the item of a good line; a bad one is recorded in the report
+    /// and logged. Blank lines are skipped.
+    pub fn check(&mut self, line: &Line<'_>) -> Option<NewItem> {
+        if line.bytes.iter().all(u8::is_ascii_whitespace) && !line.too_long {
+            return None;
+        }
+        self.report.lines += 1;
+        let checked = if line.too_long {
+            Err(format!(
+                "line is longer than the maximum of {} bytes (`ingest.max_line_bytes`)",
+                self.max_line_bytes
+            ))
+        } else {
+            parse_line(line.bytes).and_then(|parsed| match self.seen_ids.get(&parsed.custom_id) {
+                Some(first) => Err(format!(
+                    "\"custom_id\" {:?} repeats the one on line {first}: ids must be unique within a file",
+                    parsed.custom_id
+                )),
+                None => Ok(parsed),
+            })
+        };
+        let parsed = match checked {
+            Ok(parsed) => parsed,
+            Err(reason) => {
+                self.record_error(line.number, reason);
+                return None;
+            }
+        };
+        self.seen_ids.insert(parsed.custom_id.clone(), line.number);
+        let error = match self.catalogue.map(|c| c.check(&parsed.model)) {
+            Some(ModelCheck::Unknown(message)) => {
+                self.report.items_failed += 1;
+                Some(message)
+            }
+            _ => None,
+        };
+        self.report.items += 1;
+        Some(NewItem {
+            line_no: line.number,
+            custom_id: parsed.custom_id,
+            endpoint: parsed.endpoint,
+            model: parsed.model,
+            body: parsed.body,
+            urgent: self.urgent || parsed.urgent,
+            deadline: parsed.deadline,
+            error,
+        })
+    }
+
+    fn record_error(&mut self, line: u64, reason: String) {
+        let message = format!("{}:{line}: {reason}", self.path.display());
+        if self.report.error_count < 20 {
+            tracing::warn!(target: "batchd::ingest", "{message}");
+        }
+        self.report.error_count += 1;
+        if self.report.errors.len() < MAX_REPORTED_ERRORS {
+            self.report.errors.push(LineError {
+                line,
+                reason,
+                message,
+            });
+        }
+    }
+
+    pub fn into_report(self) -> Report {
+        self.report
+    }
+}
+
+/// Checks a file without storing anything, as `batchd check` does. Applies the same line
+/// checks and file policy as ingest, without the model catalogue.
+pub async fn check_file(path: &Path, limits: &FileLimits) -> Result<Report, IngestError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some(reason) = too_big(path, limits.max_file_bytes).await? {
+        return Ok(Report::rejected_file(name, String::new(), false, reason));
+    }
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| IngestError::io("open", path, e))?;
+    let mut lines = LineReader::new(
+        BufReader::with_capacity(64 * 1024, file),
+        limits.max_line_bytes,
+    );
+    let mut checker = LineChecker::new(
+        path,
+        name,
+        String::new(),
+        false,
+        limits.max_line_bytes,
+        None,
+    );
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(|e| IngestError::io("read", path, e))?
+    {
+        checker.check(&line);
+    }
+    let sha256 = lines.sha256();
+    let mut report = checker.into_report();
+    report.sha256 = sha256;
+    if let Some(reason) = rejection(&report, limits.reject_file_on_error) {
+        report.disposition = "rejected".into();
+        report.reason = Some(reason);
+    }
+    Ok(report)
 }
 
 /// The outcome of ingesting a file: its report and where it was moved.
@@ -80,7 +287,7 @@ pub async fn ingest_file(
     path: &Path,
     urgent: bool,
     paths: &PathsConfig,
-    max_line_bytes: usize,
+    limits: &FileLimits,
     catalogue: Option<&Catalogue>,
 ) -> Result<Ingested, IngestError> {
     let name = path
@@ -99,19 +306,15 @@ pub async fn ingest_file(
                 .await?;
             return Ok(Ingested { report, moved_to });
         }
-        let report = Report {
-            file: name,
-            sha256,
-            disposition: "duplicate".into(),
-            urgent,
-            lines: 0,
-            items: 0,
-            items_failed: 0,
-            error_count: 0,
-            errors: Vec::new(),
-            duplicate_of: Some(existing.name),
-        };
+        let mut report = Report::empty(name, sha256, "duplicate", urgent);
+        report.duplicate_of = Some(existing.name);
         let moved_to = move_with_report(path, &paths.processed, &report).await?;
+        return Ok(Ingested { report, moved_to });
+    }
+
+    if let Some(reason) = too_big(path, limits.max_file_bytes).await? {
+        let report = Report::rejected_file(name, sha256, urgent, reason);
+        let moved_to = move_with_report(path, &paths.rejected, &report).await?;
         return Ok(Ingested { report, moved_to });
     }
 
@@ -125,83 +328,29 @@ pub async fn ingest_file(
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| IngestError::io("open", path, e))?;
-    let mut lines = LineReader::new(BufReader::with_capacity(64 * 1024, file), max_line_bytes);
-    let mut report = Report {
-        file: name,
-        sha256: sha256.clone(),
-        disposition: "processed".into(),
+    let mut lines = LineReader::new(
+        BufReader::with_capacity(64 * 1024, file),
+        limits.max_line_bytes,
+    );
+    let mut checker = LineChecker::new(
+        path,
+        name,
+        sha256.clone(),
         urgent,
-        lines: 0,
-        items: 0,
-        items_failed: 0,
-        error_count: 0,
-        errors: Vec::new(),
-        duplicate_of: None,
-    };
-    let mut seen_ids: HashMap<String, u64> = HashMap::new();
+        limits.max_line_bytes,
+        catalogue,
+    );
     while let Some(line) = lines
         .next_line()
         .await
         .map_err(|e| IngestError::io("read", path, e))?
     {
-        if line.bytes.iter().all(u8::is_ascii_whitespace) && !line.too_long {
-            continue;
-        }
-        report.lines += 1;
-        let checked = if line.too_long {
-            Err(format!(
-                "line is longer than the maximum of {max_line_bytes} bytes (`ingest.max_line_bytes`)"
-            ))
-        } else {
-            parse_line(line.bytes).and_then(|parsed| match seen_ids.get(&parsed.custom_id) {
-                Some(first) => Err(format!(
-                    "\"custom_id\" {:?} repeats the one on line {first}: ids must be unique within a file",
-                    parsed.custom_id
-                )),
-                None => Ok(parsed),
-            })
-        };
-        match checked {
-            Ok(parsed) => {
-                seen_ids.insert(parsed.custom_id.clone(), line.number);
-                let error = match catalogue.map(|c| c.check(&parsed.model)) {
-                    Some(ModelCheck::Unknown(message)) => {
-                        report.items_failed += 1;
-                        Some(message)
-                    }
-                    _ => None,
-                };
-                ingest
-                    .add(&NewItem {
-                        line_no: line.number,
-                        custom_id: parsed.custom_id,
-                        endpoint: parsed.endpoint,
-                        model: parsed.model,
-                        body: parsed.body,
-                        urgent: urgent || parsed.urgent,
-                        deadline: parsed.deadline,
-                        error,
-                    })
-                    .await?;
-                report.items += 1;
-                crate::fault::point("mid-ingest");
-            }
-            Err(reason) => {
-                let message = format!("{}:{}: {reason}", path.display(), line.number);
-                if report.error_count < 20 {
-                    tracing::warn!(target: "batchd::ingest", "{message}");
-                }
-                report.error_count += 1;
-                if report.errors.len() < MAX_REPORTED_ERRORS {
-                    report.errors.push(LineError {
-                        line: line.number,
-                        reason,
-                        message,
-                    });
-                }
-            }
+        if let Some(item) = checker.check(&line) {
+            ingest.add(&item).await?;
+            crate::fault::point("mid-ingest");
         }
     }
+    let mut report = checker.into_report();
     if lines.sha256() != sha256 {
         // The file changed while it was read: it was not complete after all.
         return Err(IngestError::Changed {
@@ -209,9 +358,12 @@ pub async fn ingest_file(
         });
     }
 
-    if report.items == 0 {
-        drop(ingest); // rolls back the empty file row
+    if let Some(reason) = rejection(&report, limits.reject_file_on_error) {
+        drop(ingest); // rolls back the file row and its items
         report.disposition = "rejected".into();
+        report.items = 0;
+        report.items_failed = 0;
+        report.reason = Some(reason);
         let moved_to = move_with_report(path, &paths.rejected, &report).await?;
         return Ok(Ingested { report, moved_to });
     }

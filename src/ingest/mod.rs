@@ -23,7 +23,7 @@ use crate::models::Catalogue;
 use crate::store::{Store, StoreError};
 use crate::wake::Signal;
 
-pub use file::{Ingested, LineError, Report, ingest_file};
+pub use file::{FileLimits, Ingested, LineError, Report, check_file, ingest_file};
 
 /// Folder inside the inbox whose files are all urgent.
 pub const URGENT_DIR: &str = "urgent";
@@ -55,6 +55,16 @@ impl IngestError {
             action,
             path: path.to_path_buf(),
             source,
+        }
+    }
+}
+
+impl From<&IngestConfig> for FileLimits {
+    fn from(config: &IngestConfig) -> Self {
+        FileLimits {
+            max_line_bytes: config.max_line_bytes,
+            max_file_bytes: config.max_file_bytes,
+            reject_file_on_error: config.reject_file_on_error,
         }
     }
 }
@@ -91,7 +101,7 @@ pub struct Intake {
     store: Store,
     paths: PathsConfig,
     config: IngestConfig,
-    max_line_bytes: usize,
+    limits: FileLimits,
     /// Raised after items were stored, so the packer and real-time workers look at once.
     work: Signal,
     /// Known models, when items are checked against them.
@@ -109,12 +119,12 @@ impl Intake {
         work: Signal,
         catalogue: Option<Catalogue>,
     ) -> Self {
-        let max_line_bytes = config.max_line_bytes;
+        let limits = FileLimits::from(&config);
         Intake {
             store,
             paths,
             config,
-            max_line_bytes,
+            limits,
             work,
             catalogue,
             seen: HashMap::new(),
@@ -220,7 +230,7 @@ impl Intake {
             path,
             urgent,
             &self.paths,
-            self.max_line_bytes,
+            &self.limits,
             catalogue,
         )
         .await

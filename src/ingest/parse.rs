@@ -25,6 +25,15 @@ pub struct ParsedLine {
 /// Parses one line (without its line ending). The error is the reason, ready to follow
 /// `path:line: `.
 pub fn parse_line(bytes: &[u8]) -> Result<ParsedLine, String> {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err("line starts with a byte-order mark (U+FEFF): only the first line of a file may have one; remove it".into());
+    }
+    if let Some(at) = bytes.iter().position(|&b| b == 0) {
+        return Err(format!(
+            "NUL byte at byte {}: the file may be binary or UTF-16; save it as UTF-8 text",
+            at + 1
+        ));
+    }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         format!(
             "invalid UTF-8 at byte {}: save the file as UTF-8",
@@ -329,6 +338,24 @@ mod tests {
         let r = reason(r#"{"key": "k1", "request": {"contents": []}}"#);
         assert!(r.contains("Gemini"), "{r}");
         assert!(r.contains("custom_id"), "{r}");
+    }
+
+    #[test]
+    fn byte_order_mark_mid_file_is_reported() {
+        assert!(
+            parse_line(b"\xEF\xBB\xBF{\"custom_id\": \"a\"}")
+                .unwrap_err()
+                .contains("byte-order mark")
+        );
+    }
+
+    #[test]
+    fn nul_byte_is_reported() {
+        assert!(
+            parse_line(b"{\"custom_id\": \"a\0\"}")
+                .unwrap_err()
+                .contains("NUL byte at byte 17")
+        );
     }
 
     #[test]
