@@ -305,3 +305,67 @@ async fn every_bad_file_gets_a_precise_report() {
         "the daemon kept running through the corpus"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_and_outside_links_are_reported_once() {
+    let sim = Sim::start(SimConfig {
+        turnaround: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    let daemon = Daemon::prepare(
+        &sim.base_url,
+        "[ingest]\nsettle_secs = 0.1\nrescan_interval_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
+    );
+    let inbox = daemon.path("inbox");
+    std::fs::create_dir_all(inbox.join("nested")).unwrap();
+    std::fs::write(inbox.join("nested/inside.jsonl"), good("nested")).unwrap();
+    std::fs::create_dir_all(inbox.join(".staging")).unwrap();
+    std::fs::write(inbox.join(".staging/real.jsonl"), good("linked")).unwrap();
+    std::os::unix::fs::symlink(
+        inbox.join(".staging/real.jsonl"),
+        inbox.join("linked.jsonl"),
+    )
+    .unwrap();
+    let outside = daemon.path("outside.jsonl");
+    std::fs::write(&outside, good("outside")).unwrap();
+    std::os::unix::fs::symlink(&outside, inbox.join("outside-link.jsonl")).unwrap();
+    let mut daemon = daemon;
+    daemon.spawn();
+
+    let db = daemon.db().await;
+    daemon.wait_all_terminal(&db, 1).await;
+    // Let several rescans pass, to show that each skipped entry is logged once.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT custom_id FROM results")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        ["linked"],
+        "only the link inside the inbox was followed"
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("folders inside the inbox are not scanned")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("leads outside the inbox and is not followed")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        inbox.join("nested/inside.jsonl").exists(),
+        "files in folders are left alone"
+    );
+    assert!(
+        inbox.join("outside-link.jsonl").exists(),
+        "the outside link is left alone"
+    );
+    assert!(outside.exists());
+}

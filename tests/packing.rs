@@ -12,7 +12,7 @@ use sqlx::Row;
 
 const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
 
-/// A chat body whose compact JSON, as batchd stores it, is exactly `len` bytes.
+/// Builds a chat body whose compact JSON, as batchd stores it, is exactly `len` bytes.
 fn body_of_len(len: usize) -> Value {
     let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": ""}]});
     let base = body.to_string().len();

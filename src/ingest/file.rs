@@ -45,7 +45,7 @@ pub struct Report {
     pub errors: Vec<LineError>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate_of: Option<String>,
-    /// Why the whole file was rejected, when it was.
+    /// The reason the whole file was rejected, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }

@@ -1,7 +1,7 @@
 //! Intake: watch the inbox, decide when a file is complete, and ingest it.
 //!
-//! Filesystem events (inotify through `notify`) only wake the scanner; the scanner itself looks
-//! at the directory, so a missed or merged event costs at most one rescan interval. A file is
+//! Filesystem events (inotify through `notify`) only wake the scanner, which then looks at the
+//! directory itself. A missed or merged event therefore costs at most one rescan interval. A file is
 //! complete once its size and modification time have stayed the same for the settle time; a
 //! file renamed into the inbox after being written elsewhere keeps its old mtime and is taken
 //! at once. Names starting with `.` or ending in `.part`, `.tmp` or `.swp` are never taken.
@@ -10,7 +10,7 @@ pub mod file;
 pub mod lines;
 pub mod parse;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -108,6 +108,8 @@ pub struct Intake {
     catalogue: Option<Catalogue>,
     /// Size and mtime last seen for files not yet complete.
     seen: HashMap<PathBuf, (u64, SystemTime, SystemTime)>,
+    /// Skipped entries already logged, so each is reported once.
+    reported: HashSet<PathBuf>,
 }
 
 impl Intake {
@@ -128,6 +130,7 @@ impl Intake {
             work,
             catalogue,
             seen: HashMap::new(),
+            reported: HashSet::new(),
         }
     }
 
@@ -180,13 +183,19 @@ impl Intake {
             (self.paths.inbox.clone(), false),
             (self.paths.inbox.join(URGENT_DIR), true),
         ] {
-            let mut candidates = match list_candidates(&dir).await {
-                Ok(c) => c,
+            let listing = match list_candidates(&dir, &self.paths.inbox).await {
+                Ok(listing) => listing,
                 Err(error) => {
                     tracing::warn!(%error, "failed to list inbox folder");
                     continue;
                 }
             };
+            for (path, reason) in listing.skipped {
+                if self.reported.insert(path.clone()) {
+                    tracing::warn!(path = %path.display(), "skipped in the inbox: {reason}");
+                }
+            }
+            let mut candidates = listing.files;
             candidates.sort();
             for path in candidates {
                 if cancel.is_cancelled() {
@@ -264,28 +273,64 @@ impl Intake {
     }
 }
 
-/// Lists the regular `*.jsonl` files directly inside `dir`.
-async fn list_candidates(dir: &Path) -> Result<Vec<PathBuf>, IngestError> {
+/// The contents of one inbox folder: files to take, and entries skipped with the reason.
+#[derive(Debug, Default)]
+struct Listing {
+    files: Vec<PathBuf>,
+    skipped: Vec<(PathBuf, String)>,
+}
+
+/// Lists the `*.jsonl` files directly inside `dir`. A symbolic link is followed only when it
+/// leads to a file inside the inbox; such links and folders are skipped with a reason.
+async fn list_candidates(dir: &Path, inbox: &Path) -> Result<Listing, IngestError> {
     let mut entries = tokio::fs::read_dir(dir)
         .await
         .map_err(|e| IngestError::io("list", dir, e))?;
-    let mut found = Vec::new();
+    let top_level = dir == inbox;
+    let inbox = tokio::fs::canonicalize(inbox)
+        .await
+        .unwrap_or_else(|_| inbox.to_path_buf());
+    let mut listing = Listing::default();
     while let Some(entry) = entries
         .next_entry()
         .await
         .map_err(|e| IngestError::io("list", dir, e))?
     {
         let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let Ok(kind) = entry.file_type().await else {
+            continue;
+        };
+        if kind.is_dir() {
+            let is_urgent_dir = top_level && name == URGENT_DIR;
+            if !is_urgent_dir && !name.starts_with('.') {
+                let reason = "folders inside the inbox are not scanned: move its files into the inbox itself";
+                listing.skipped.push((path, reason.to_string()));
+            }
+            continue;
+        }
         if !is_input_name(&name) {
             continue;
         }
-        // NOTE: symbolic links are skipped, not followed.
-        match entry.file_type().await {
-            Ok(kind) if kind.is_file() => found.push(entry.path()),
-            _ => {}
+        if kind.is_symlink() {
+            match tokio::fs::canonicalize(&path).await {
+                Ok(target) if target.starts_with(&inbox) && target.is_file() => listing.files.push(path),
+                Ok(target) => listing.skipped.push((
+                    path,
+                    format!(
+                        "symbolic link to {} leads outside the inbox and is not followed: copy or move the file in instead",
+                        target.display()
+                    ),
+                )),
+                Err(error) => listing.skipped.push((path, format!("symbolic link cannot be resolved: {error}"))),
+            }
+            continue;
+        }
+        if kind.is_file() {
+            listing.files.push(path);
         }
     }
-    Ok(found)
+    Ok(listing)
 }
 
 #[cfg(test)]
