@@ -369,3 +369,60 @@ async fn folders_and_outside_links_are_reported_once() {
     );
     assert!(outside.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_content_and_taken_names() {
+    let sim = Sim::start(SimConfig {
+        turnaround: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    let daemon = Daemon::start(
+        &sim.base_url,
+        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
+    );
+    daemon.drop_file("first.jsonl", good("one").as_bytes());
+    common::wait_for(
+        || daemon.path("processed/first.jsonl.report.json").exists(),
+        "the first file",
+    );
+
+    // The same content under another name is moved away as a duplicate, with no new item.
+    daemon.drop_file("copy.jsonl", good("one").as_bytes());
+    common::wait_for(
+        || daemon.path("processed/copy.jsonl.report.json").exists(),
+        "the copy",
+    );
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(daemon.path("processed/copy.jsonl.report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["disposition"], "duplicate");
+    assert_eq!(report["duplicate_of"], "first.jsonl");
+    assert_eq!(report["items"], 0);
+
+    // New content under a name already in processed/ gets a free name; nothing is overwritten.
+    daemon.drop_file("first.jsonl", good("two").as_bytes());
+    common::wait_for(
+        || daemon.path("processed/first-1.jsonl.report.json").exists(),
+        "the second first.jsonl",
+    );
+    assert!(
+        std::fs::read_to_string(daemon.path("processed/first.jsonl"))
+            .unwrap()
+            .contains("\"one\"")
+    );
+    assert!(
+        std::fs::read_to_string(daemon.path("processed/first-1.jsonl"))
+            .unwrap()
+            .contains("\"two\"")
+    );
+
+    let db = daemon.db().await;
+    daemon.wait_all_terminal(&db, 2).await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT custom_id FROM results ORDER BY custom_id")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(ids, ["one", "two"]);
+}
