@@ -11,8 +11,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use batchd::simulate::{RateLimits, SimConfig, embedding_vector};
-use common::{Daemon, Sim, last_user_message};
+use batchd::simulate::{RateLimits, SimConfig};
+use common::{Daemon, Sim, assert_answers_request};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -120,23 +120,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         assert_eq!(row.get::<String, _>("state"), "succeeded", "{id}");
         let response: Value = serde_json::from_str(&row.get::<String, _>("response")).unwrap();
         let body = &requests[&id]["body"];
-        if body.get("messages").is_some() {
-            let content = response["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap();
-            assert!(
-                content.starts_with(&last_user_message(body)),
-                "{id} got another request's answer"
-            );
-        } else {
-            let vector: Vec<f32> =
-                serde_json::from_value(response["data"][0]["embedding"].clone()).unwrap();
-            assert_eq!(
-                vector,
-                embedding_vector(body["input"].as_str().unwrap()),
-                "{id}"
-            );
-        }
+        assert_answers_request(&id, body, &response);
     }
 
     let batch_items = requests

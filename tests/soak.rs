@@ -9,8 +9,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use batchd::simulate::{Faults, RateLimits, RetryAfterStyle, SimConfig, embedding_vector};
-use common::{Daemon, Sim, last_user_message};
+use batchd::simulate::{Faults, RateLimits, RetryAfterStyle, SimConfig};
+use common::{Daemon, Sim, assert_answers_request};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -124,23 +124,7 @@ async fn mixed_items_survive_every_fault() {
         }
         let response: Value = serde_json::from_str(&row.get::<String, _>("response")).unwrap();
         let body = &requests[&id]["body"];
-        if body.get("messages").is_some() {
-            let content = response["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap();
-            assert!(
-                content.starts_with(&last_user_message(body)),
-                "{id} got another request's answer"
-            );
-        } else {
-            let vector: Vec<f32> =
-                serde_json::from_value(response["data"][0]["embedding"].clone()).unwrap();
-            assert_eq!(
-                vector,
-                embedding_vector(body["input"].as_str().unwrap()),
-                "{id}"
-            );
-        }
+        assert_answers_request(&id, body, &response);
     }
     assert!(
         failed.is_empty(),

@@ -239,6 +239,25 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Asserts that `response` answers the request `body` of item `id`: a simulated chat answer
+/// starts with the last user message, and an embedding is the vector of the item's own input.
+pub fn assert_answers_request(id: &str, body: &serde_json::Value, response: &serde_json::Value) {
+    if body.get("messages").is_some() {
+        let content = response["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert!(
+            content.starts_with(&last_user_message(body)),
+            "{id} got another request's answer"
+        );
+    } else {
+        let vector: Vec<f32> =
+            serde_json::from_value(response["data"][0]["embedding"].clone()).unwrap();
+        let expected = batchd::simulate::embedding_vector(body["input"].as_str().unwrap());
+        assert_eq!(vector, expected, "{id} got another input's vector");
+    }
+}
+
 /// Returns the content of the last user message of a chat request body.
 pub fn last_user_message(body: &serde_json::Value) -> String {
     body["messages"]
