@@ -127,7 +127,7 @@ pub struct BatchConfig {
     pub max_attempts: u32,
     /// Items whose deadline is closer than this take the real-time path.
     pub deadline_margin: Duration,
-    /// A job older than this is cancelled and harvested as it stands, whatever its status.
+    /// A job older than this is cancelled and harvested in its current state, whatever its status.
     pub max_job_age: Duration,
     /// After a job fails for capacity, no job for its model is created for this long.
     pub capacity_cooldown: Duration,

@@ -117,7 +117,7 @@ impl Poller {
         age > self.config.max_job_age
     }
 
-    /// Cancels a job that ran past the maximum age, so that it is harvested as it stands:
+    /// Cancels a job that ran past the maximum age, so that it is harvested in its current state:
     /// finished lines are kept and the rest requeued.
     async fn give_up(&self, batch: &BatchRow, job: BatchJob) -> BatchJob {
         tracing::warn!(
@@ -130,7 +130,7 @@ impl Poller {
         match self.provider.cancel_batch(&job.id).await {
             Ok(cancelled) => cancelled,
             Err(error) => {
-                tracing::warn!(job = %job.id, %error, "failed to cancel an overdue batch job; harvesting it as it stands");
+                tracing::warn!(job = %job.id, %error, "failed to cancel an overdue batch job; harvesting it in its current state");
                 job
             }
         }

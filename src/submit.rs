@@ -129,7 +129,7 @@ impl Submitter {
     /// Handles a failed call. A failed upload is retried unless fatal. A failed create is
     /// retried with the same file, a 404 included, because a freshly uploaded file can take a
     /// moment to become visible; once `max_create_attempts` is used up, or on another fatal
-    /// answer, the items go back to the queue and the orphan file is deleted.
+    /// response, the items go back to the queue and the orphan file is deleted.
     async fn failed(
         &mut self,
         batch: &BatchRow,

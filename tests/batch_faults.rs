@@ -27,7 +27,7 @@ fn settings(extra: &str) -> String {
     )
 }
 
-/// A chat line; `max_tokens` lets a test make the provider reject it.
+/// Builds a chat line; a `max_tokens` out of range makes the provider reject it.
 fn chat(id: &str, max_tokens: i64) -> String {
     json!({"custom_id": id, "body": {"model": MODEL, "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": format!("question {id}")}]}})
@@ -303,7 +303,7 @@ async fn capacity_failure_pauses_the_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_not_found_is_retried_on_the_same_file() {
+async fn create_not_found_retries_same_file() {
     let sim = Sim::start(sim_with(Faults {
         create_not_found: 2,
         ..Faults::default()

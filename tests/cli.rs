@@ -43,7 +43,7 @@ fn simulate_refuses_non_loopback_address() {
 }
 
 #[test]
-fn run_without_api_key_fails_with_the_variable_name() {
+fn run_without_api_key_names_variable() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("batchd.toml");
     std::fs::write(

@@ -44,7 +44,7 @@ async fn example_files_all_succeed_within_provider_limits() {
     ];
     let mut requests: HashMap<String, Value> = HashMap::new();
     // The urgent file repeats questions of the chat file with other parameters, so urgent
-    // requests are told apart by their whole body.
+    // requests are identified by their whole body.
     let mut urgent_bodies = Vec::new();
     for name in names {
         let path = examples_dir().join(name);
@@ -62,7 +62,7 @@ async fn example_files_all_succeed_within_provider_limits() {
     let db = daemon.db().await;
     daemon.wait_all_terminal(&db, 1638).await;
 
-    // Every item succeeded, and its response answers its own request.
+    // Every item succeeded, and its response belongs to its own request.
     let rows = sqlx::query("SELECT custom_id, state, status_code, response, path FROM results")
         .fetch_all(&db)
         .await

@@ -2,8 +2,8 @@
 //!
 //! Filesystem events (inotify through `notify`) only wake the scanner, which then looks at the
 //! directory itself. A missed or merged event therefore costs at most one rescan interval. A file is
-//! complete once its size and modification time have stayed the same for the settle time; a
-//! file renamed into the inbox after being written elsewhere keeps its old mtime and is taken
+//! complete once its size and modification time have stayed the same for the settle time. A
+//! file renamed into the inbox after being written elsewhere keeps its old mtime, so it is taken
 //! at once. Names starting with `.` or ending in `.part`, `.tmp` or `.swp` are never taken.
 
 pub mod file;

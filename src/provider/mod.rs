@@ -116,7 +116,7 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Failure {
     }
 }
 
-/// True when an error body says the account is out of credit.
+/// Returns true when an error body reports that the account is out of credit.
 fn is_out_of_credit(body: &str) -> bool {
     let Ok(value) = serde_json::from_str::<Value>(body) else {
         return false;
@@ -479,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn out_of_credit_is_read_from_type_or_code() {
+    fn out_of_credit_type_or_code() {
         assert!(is_out_of_credit(
             r#"{"error":{"message":"no credit","type":"insufficient_quota"}}"#
         ));

@@ -175,7 +175,7 @@ pub(super) fn chat_completion(body: &Value) -> Result<Value, RequestError> {
         "created": Utc::now().timestamp(),
         "model": model.id,
         // The official Python SDK 3.1.1 requires `prompt`, which contains the prompt only when
-        // the request asks for an echo.
+        // the request sets `echo`.
         "prompt": [],
         "choices": [{
             "index": 0,

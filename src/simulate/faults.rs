@@ -27,7 +27,7 @@ pub struct Faults {
     pub realtime_paths: Vec<String>,
     /// Share of real-time requests that get a 429, on top of the per-minute windows.
     pub rate_limit_rate: f64,
-    /// The first this-many times a request body is sent, it is answered 429; later tries go
+    /// The first this-many times a request body is sent, it gets a 429 response; later tries go
     /// through. Makes "first attempt refused, retry succeeds" exact.
     pub rate_limit_first: u32,
     /// Error body of the injected 429s.
@@ -60,7 +60,7 @@ pub struct Faults {
     pub capacity_fail_models: Vec<String>,
     /// Share of batch jobs that end `EXPIRED` at the deadline.
     pub batch_expire_rate: f64,
-    /// The first this-many jobs created end EXPIRED, whatever `batch_expire_rate` says.
+    /// The first this-many jobs created end EXPIRED, whatever the value of `batch_expire_rate`.
     pub expire_first_jobs: u32,
     /// Share of an expiring job's lines that reach the output file; the others reach no file.
     pub expire_completed_fraction: f64,
@@ -69,7 +69,7 @@ pub struct Faults {
     /// Share of the lines of `COMPLETED` jobs written to the error file instead of the output
     /// file.
     pub line_error_rate: f64,
-    /// Number of `POST /v1/batches` calls per input file id answered 404 before the file is found.
+    /// Number of `POST /v1/batches` calls per input file id that get a 404 response before the file is found.
     pub create_not_found: u32,
     /// Letter case of every batch status.
     pub status_case: StatusCase,
@@ -139,7 +139,7 @@ pub enum RateLimitKind {
     InsufficientQuota,
 }
 
-/// How a 429 announces the wait before a retry.
+/// The form in which a 429 response announces the wait before a retry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RetryAfterStyle {

@@ -88,7 +88,7 @@ impl JobSettings {
     }
 }
 
-/// How a job that passed validation ends unless it is cancelled.
+/// The end of a job that passed validation, unless it is cancelled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Fate {
     /// `COMPLETED` at the turnaround, or `EXPIRED` at the deadline if that comes first.

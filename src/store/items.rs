@@ -138,7 +138,7 @@ pub struct ItemOutcome<'a> {
     pub response: Option<&'a str>,
     pub error: Option<&'a str>,
     pub usage: Usage,
-    /// The model that answered, when it differs from the requested one (a fallback).
+    /// The model that produced the response, when it differs from the requested one (a fallback).
     pub model_used: Option<&'a str>,
 }
 

@@ -239,7 +239,7 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Asserts that `response` answers the request `body` of item `id`: a simulated chat answer
+/// Asserts that `response` belongs to the request `body` of item `id`: a simulated chat answer
 /// starts with the last user message, and an embedding is the vector of the item's own input.
 pub fn assert_answers_request(id: &str, body: &serde_json::Value, response: &serde_json::Value) {
     if body.get("messages").is_some() {
