@@ -426,3 +426,132 @@ async fn duplicate_content_and_taken_names() {
         .unwrap();
     assert_eq!(ids, ["one", "two"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_file_is_reported_once_and_taken_when_readable() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let sim = Sim::start(SimConfig {
+        turnaround: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    let mut daemon = Daemon::prepare(
+        &sim.base_url,
+        "[ingest]\nsettle_secs = 0.1\nrescan_interval_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
+    );
+    let inbox = daemon.path("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let partial = inbox.join("locked.jsonl.part");
+    std::fs::write(&partial, good("locked")).unwrap();
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::rename(&partial, inbox.join("locked.jsonl")).unwrap();
+    daemon.drop_file("open.jsonl", good("open").as_bytes());
+    daemon.spawn_honouring_permissions();
+
+    let db = daemon.db().await;
+    daemon.wait_all_terminal(&db, 1).await;
+    // Let several rescans pass, to show that the failure is logged once and the file stays.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("failed to ingest input file").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("Permission denied"), "{log}");
+    assert!(inbox.join("locked.jsonl").exists(), "the file is not moved");
+
+    std::fs::set_permissions(
+        inbox.join("locked.jsonl"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    daemon.wait_all_terminal(&db, 2).await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT custom_id FROM results ORDER BY custom_id")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(ids, ["locked", "open"]);
+    assert!(daemon.path("processed/locked.jsonl").exists());
+}
+
+/// Compresses `text` with the system's gzip, as a user would.
+fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_files_are_decompressed_and_checked() {
+    let sim = Sim::start(SimConfig {
+        turnaround: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    let daemon = Daemon::start(
+        &sim.base_url,
+        "[ingest]\nsettle_secs = 0.1\nmax_file_bytes = 20000\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
+    );
+    let lines = format!("{}\nnot json\n{}\n", good("a"), good("b"));
+    daemon.drop_file("mixed.jsonl.gz", &gzip(&lines));
+    daemon.drop_file("broken.jsonl.gz", b"this is not gzip at all\n");
+    // 200 lines of about 160 bytes are 32 kB once decompressed, over the 20 kB limit, while
+    // the compressed file is far under it.
+    let big: String = (0..200).map(|n| good(&format!("big-{n}")) + "\n").collect();
+    let compressed = gzip(&big);
+    assert!(compressed.len() < 20_000);
+    daemon.drop_file("bomb.jsonl.gz", &compressed);
+
+    let report = |path: &str| -> Value {
+        let path = daemon.path(path);
+        common::wait_for(|| path.exists(), "a report");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let mixed = report("processed/mixed.jsonl.gz.report.json");
+    assert_eq!(mixed["items"], 2);
+    assert_eq!(mixed["errors"][0]["line"], 2);
+    assert!(
+        mixed["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("mixed.jsonl.gz:2: not valid JSON: expected ident at line 1 column 2"),
+        "{mixed}"
+    );
+    let broken = report("rejected/broken.jsonl.gz.report.json");
+    assert!(
+        broken["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("file is not valid gzip"),
+        "{broken}"
+    );
+    let bomb = report("rejected/bomb.jsonl.gz.report.json");
+    assert!(
+        bomb["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("decompressed content is more than the maximum of 20000 bytes"),
+        "{bomb}"
+    );
+
+    let db = daemon.db().await;
+    daemon.wait_all_terminal(&db, 2).await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT custom_id FROM results ORDER BY custom_id")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(ids, ["a", "b"], "a rejected file leaves no items");
+}

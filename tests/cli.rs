@@ -123,7 +123,8 @@ fn check_reports_bad_lines_without_a_daemon() {
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(
         &bad,
-        "{\"custom_id\": \"a\", \"body\": {\"model\": \"m\", \"input\": \"text\"}}\nnot json\n",
+        "{\"custom_id\": \"a\", \"body\": {\"model\": \"m\", \"input\": \"text\"}}\nnot json\n\
+         {\"custom_id\": \"a\", \"body\": {\"model\": \"m\", \"input\": \"more\"}}\n",
     )
     .unwrap();
 
@@ -143,6 +144,13 @@ fn check_reports_bad_lines_without_a_daemon() {
     );
     assert!(
         stdout.contains(&format!("{}:2: not valid JSON", bad.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{}:3: \"custom_id\" \"a\" repeats the one on line 1",
+            bad.display()
+        )),
         "{stdout}"
     );
 }

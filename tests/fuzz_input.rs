@@ -1,6 +1,10 @@
-//! Property tests of the line parser and the line reader on arbitrary bytes: no panic, no line
-//! longer than the cap, and the same lines whatever the read buffer size.
+//! Property tests of the line parser, the line reader and whole-file checks on arbitrary bytes:
+//! no panic, no line longer than the cap, and the same lines whatever the read buffer size.
+//!
+//! Each property runs 512 cases; set `BATCHD_FUZZ_CASES` to run more, for example
+//! `BATCHD_FUZZ_CASES=200000 cargo test --release --test fuzz_input`.
 
+use batchd::ingest::FileLimits;
 use batchd::ingest::lines::LineReader;
 use batchd::ingest::parse::parse_line;
 use proptest::prelude::*;
@@ -21,8 +25,34 @@ fn read_lines(data: &[u8], capacity: usize, max: usize) -> Vec<(u64, Vec<u8>, bo
     })
 }
 
+fn cases() -> u32 {
+    std::env::var("BATCHD_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(512)
+}
+
+/// Runs `batchd check`'s file checks on `data` stored under `name`.
+fn check_bytes(name: &str, data: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, data).unwrap();
+    let limits = FileLimits {
+        max_line_bytes: 300,
+        max_file_bytes: 4096,
+        reject_file_on_error: false,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let report = runtime
+        .block_on(batchd::ingest::check_file(&path, &limits))
+        .unwrap();
+    assert!(report.items + report.error_count <= report.lines);
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -46,5 +76,20 @@ proptest! {
             prop_assert!(line.len() <= max);
         }
         prop_assert_eq!(lines, read_lines(&bytes, 4096, max));
+    }
+
+    #[test]
+    fn file_check_never_panics(
+        lines in proptest::collection::vec(prop_oneof![
+            Just(r#"{"custom_id": "a", "body": {"model": "m", "input": "x"}}"#.to_string()),
+            Just(r#"{"custom_id": "b", "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}"#.to_string()),
+            "[ -~]{0,40}",
+        ], 0..40),
+        noise in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut data = lines.join("\n").into_bytes();
+        data.extend_from_slice(&noise);
+        check_bytes("input.jsonl", &data);
+        check_bytes("input.jsonl.gz", &data);
     }
 }

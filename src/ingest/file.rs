@@ -2,19 +2,20 @@
 //! its good lines as work items in one transaction, write the report, and move it out of the
 //! inbox only after the commit.
 
-use std::collections::HashMap;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, BufReader};
+
+use tokio::io::{AsyncBufRead, AsyncReadExt};
 
 use super::IngestError;
-use super::lines::{Line, LineReader};
+use super::lines::{Line, LineReader, is_gzip, open_input};
 use super::parse::parse_line;
 use crate::config::PathsConfig;
 use crate::models::{Catalogue, ModelCheck};
-use crate::store::{NewFile, NewItem, Store};
+use crate::store::{Added, NewFile, NewItem, SeenIds, Store};
 
 /// At most this many line errors are listed in a report; the count covers them all.
 const MAX_REPORTED_ERRORS: usize = 1000;
@@ -115,14 +116,13 @@ fn rejection(report: &Report, reject_file_on_error: bool) -> Option<String> {
 }
 
 /// Checks the lines of one file in order, building its report and the items of its good lines.
+/// Repeated `custom_id`s are found by the caller, which keeps the ids on disk, and reported
+/// through [`LineChecker::repeated`].
 pub struct LineChecker<'a> {
     path: &'a Path,
     urgent: bool,
     max_line_bytes: usize,
     catalogue: Option<&'a Catalogue>,
-    // NOTE: every custom_id of the file is kept here to find repeats, so memory grows with the
-    // number of lines (about 120 bytes a line, measured), not only with the longest line.
-    seen_ids: HashMap<String, u64>,
     report: Report,
 }
 
@@ -140,13 +140,13 @@ impl<'a> LineChecker<'a> {
             urgent,
             max_line_bytes,
             catalogue,
-            seen_ids: HashMap::new(),
             report: Report::empty(name, sha256, "processed", urgent),
         }
     }
 
-    /// Checks one line. Returns the item of a good line; a bad one is recorded in the report
-    /// and logged. Blank lines are skipped.
+    /// Checks one line. Returns the item of a good line, to be passed to
+    /// [`LineChecker::accepted`] or [`LineChecker::repeated`]; a bad one is recorded in the
+    /// report and logged. Blank lines are skipped.
     pub fn check(&mut self, line: &Line<'_>) -> Option<NewItem> {
         if line.bytes.iter().all(u8::is_ascii_whitespace) && !line.too_long {
             return None;
@@ -158,13 +158,7 @@ impl<'a> LineChecker<'a> {
                 self.max_line_bytes
             ))
         } else {
-            parse_line(line.bytes).and_then(|parsed| match self.seen_ids.get(&parsed.custom_id) {
-                Some(first) => Err(format!(
-                    "\"custom_id\" {:?} repeats the one on line {first}: ids must be unique within a file",
-                    parsed.custom_id
-                )),
-                None => Ok(parsed),
-            })
+            parse_line(line.bytes)
         };
         let parsed = match checked {
             Ok(parsed) => parsed,
@@ -173,15 +167,10 @@ impl<'a> LineChecker<'a> {
                 return None;
             }
         };
-        self.seen_ids.insert(parsed.custom_id.clone(), line.number);
         let error = match self.catalogue.map(|c| c.check(&parsed.model)) {
-            Some(ModelCheck::Unknown(message)) => {
-                self.report.items_failed += 1;
-                Some(message)
-            }
+            Some(ModelCheck::Unknown(message)) => Some(message),
             _ => None,
         };
-        self.report.items += 1;
         Some(NewItem {
             line_no: line.number,
             custom_id: parsed.custom_id,
@@ -192,6 +181,23 @@ impl<'a> LineChecker<'a> {
             deadline: parsed.deadline,
             error,
         })
+    }
+
+    /// Counts an item that was stored.
+    pub fn accepted(&mut self, item: &NewItem) {
+        self.report.items += 1;
+        if item.error.is_some() {
+            self.report.items_failed += 1;
+        }
+    }
+
+    /// Records an item whose `custom_id` an earlier line of the file already had.
+    pub fn repeated(&mut self, item: &NewItem, first_line: u64) {
+        let reason = format!(
+            "\"custom_id\" {:?} repeats the one on line {first_line}: ids must be unique within a file",
+            item.custom_id
+        );
+        self.record_error(item.line_no, reason);
     }
 
     fn record_error(&mut self, line: u64, reason: String) {
@@ -214,41 +220,102 @@ impl<'a> LineChecker<'a> {
     }
 }
 
+/// The lines of an input file, with the checks that end reading early.
+struct InputLines<'p> {
+    path: &'p Path,
+    lines: LineReader<Box<dyn AsyncBufRead + Unpin + Send>>,
+    max_file_bytes: u64,
+}
+
+/// Why reading a file stopped before its end.
+enum Stop {
+    /// The file must be rejected for this reason.
+    Reject(String),
+    /// Reading failed; the file is tried again at a later scan.
+    Failed(IngestError),
+}
+
+impl<'p> InputLines<'p> {
+    async fn open(path: &'p Path, limits: &FileLimits) -> Result<Self, IngestError> {
+        let reader = open_input(path)
+            .await
+            .map_err(|e| IngestError::io("open", path, e))?;
+        Ok(InputLines {
+            path,
+            lines: LineReader::new(reader, limits.max_line_bytes),
+            max_file_bytes: limits.max_file_bytes,
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<Line<'_>>, Stop> {
+        // Checked before each read, so a compressed file that expands past the limit is
+        // stopped within one line of it.
+        if self.lines.bytes_read() > self.max_file_bytes {
+            return Err(Stop::Reject(format!(
+                "decompressed content is more than the maximum of {} bytes (`ingest.max_file_bytes`): split it into smaller files",
+                self.max_file_bytes
+            )));
+        }
+        match self.lines.next_line().await {
+            Ok(line) => Ok(line),
+            Err(e)
+                if is_gzip(self.path)
+                    && matches!(e.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof) =>
+            {
+                Err(Stop::Reject(format!(
+                    "file is not valid gzip ({e}): compress it again with gzip, or drop it uncompressed as .jsonl"
+                )))
+            }
+            Err(e) => Err(Stop::Failed(IngestError::io("read", self.path, e))),
+        }
+    }
+
+    /// Returns the SHA-256 of the file as stored, which names its content for duplicate checks.
+    async fn sha256(&mut self) -> Result<String, IngestError> {
+        if is_gzip(self.path) {
+            hash_file(self.path).await
+        } else {
+            Ok(self.lines.sha256())
+        }
+    }
+}
+
 /// Checks a file without storing anything, as `batchd check` does. Applies the same line
 /// checks and file policy as ingest, without the model catalogue.
 pub async fn check_file(path: &Path, limits: &FileLimits) -> Result<Report, IngestError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file_name(path);
     if let Some(reason) = too_big(path, limits.max_file_bytes).await? {
         return Ok(Report::rejected_file(name, String::new(), false, reason));
     }
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| IngestError::io("open", path, e))?;
-    let mut lines = LineReader::new(
-        BufReader::with_capacity(64 * 1024, file),
-        limits.max_line_bytes,
-    );
+    let mut input = InputLines::open(path, limits).await?;
     let mut checker = LineChecker::new(
         path,
-        name,
+        name.clone(),
         String::new(),
         false,
         limits.max_line_bytes,
         None,
     );
-    while let Some(line) = lines
-        .next_line()
-        .await
-        .map_err(|e| IngestError::io("read", path, e))?
-    {
-        checker.check(&line);
+    let mut seen = SeenIds::open().await?;
+    loop {
+        let line = match input.next().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(Stop::Reject(reason)) => {
+                return Ok(Report::rejected_file(name, String::new(), false, reason));
+            }
+            Err(Stop::Failed(error)) => return Err(error),
+        };
+        if let Some(item) = checker.check(&line) {
+            match seen.first_line(&item.custom_id, item.line_no).await? {
+                None => checker.accepted(&item),
+                Some(first_line) => checker.repeated(&item, first_line),
+            }
+        }
     }
-    let sha256 = lines.sha256();
+    seen.close().await?;
     let mut report = checker.into_report();
-    report.sha256 = sha256;
+    report.sha256 = input.sha256().await?;
     if let Some(reason) = rejection(&report, limits.reject_file_on_error) {
         report.disposition = "rejected".into();
         report.reason = Some(reason);
@@ -263,7 +330,13 @@ pub struct Ingested {
     pub moved_to: PathBuf,
 }
 
-/// Returns the hex SHA-256 of a file's content, read in chunks.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Returns the hex SHA-256 of a file's bytes as stored, read in chunks.
 async fn hash_file(path: &Path) -> Result<String, IngestError> {
     let mut file = tokio::fs::File::open(path)
         .await
@@ -292,10 +365,7 @@ pub async fn ingest_file(
     limits: &FileLimits,
     catalogue: Option<&Catalogue>,
 ) -> Result<Ingested, IngestError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file_name(path);
     let sha256 = hash_file(path).await?;
 
     if let Some(existing) = store.file_by_hash(&sha256).await? {
@@ -315,9 +385,12 @@ pub async fn ingest_file(
     }
 
     if let Some(reason) = too_big(path, limits.max_file_bytes).await? {
-        let report = Report::rejected_file(name, sha256, urgent, reason);
-        let moved_to = move_with_report(path, &paths.rejected, &report).await?;
-        return Ok(Ingested { report, moved_to });
+        return reject(
+            path,
+            paths,
+            Report::rejected_file(name, sha256, urgent, reason),
+        )
+        .await;
     }
 
     let mut ingest = store
@@ -327,33 +400,36 @@ pub async fn ingest_file(
             urgent,
         })
         .await?;
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| IngestError::io("open", path, e))?;
-    let mut lines = LineReader::new(
-        BufReader::with_capacity(64 * 1024, file),
-        limits.max_line_bytes,
-    );
+    let mut input = InputLines::open(path, limits).await?;
     let mut checker = LineChecker::new(
         path,
-        name,
+        name.clone(),
         sha256.clone(),
         urgent,
         limits.max_line_bytes,
         catalogue,
     );
-    while let Some(line) = lines
-        .next_line()
-        .await
-        .map_err(|e| IngestError::io("read", path, e))?
-    {
+    loop {
+        let line = match input.next().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(Stop::Reject(reason)) => {
+                drop(ingest); // rolls back the file row and its items
+                let report = Report::rejected_file(name, sha256, urgent, reason);
+                return reject(path, paths, report).await;
+            }
+            Err(Stop::Failed(error)) => return Err(error),
+        };
         if let Some(item) = checker.check(&line) {
-            ingest.add(&item).await?;
+            match ingest.add(&item).await? {
+                Added::New => checker.accepted(&item),
+                Added::Repeat { first_line } => checker.repeated(&item, first_line),
+            }
             crate::fault::point("mid-ingest");
         }
     }
     let mut report = checker.into_report();
-    if lines.sha256() != sha256 {
+    if input.sha256().await? != sha256 {
         // The file changed while it was read: it was not complete after all.
         return Err(IngestError::Changed {
             path: path.to_path_buf(),
@@ -366,8 +442,7 @@ pub async fn ingest_file(
         report.items = 0;
         report.items_failed = 0;
         report.reason = Some(reason);
-        let moved_to = move_with_report(path, &paths.rejected, &report).await?;
-        return Ok(Ingested { report, moved_to });
+        return reject(path, paths, report).await;
     }
     let report_json = serde_json::to_string_pretty(&report)?;
     let file_id = ingest
@@ -377,6 +452,12 @@ pub async fn ingest_file(
     store
         .mark_file_moved(file_id, "processed", &moved_to.display().to_string())
         .await?;
+    Ok(Ingested { report, moved_to })
+}
+
+/// Moves a rejected file to `rejected/` with its report.
+async fn reject(path: &Path, paths: &PathsConfig, report: Report) -> Result<Ingested, IngestError> {
+    let moved_to = move_with_report(path, &paths.rejected, &report).await?;
     Ok(Ingested { report, moved_to })
 }
 
@@ -404,15 +485,16 @@ async fn move_with_report(
     Ok(target)
 }
 
-/// Returns `dir/name`, or `dir/name-N.jsonl` for the first N free, so nothing is overwritten.
+/// Returns `dir/name`, or `dir/name-N.jsonl` (`-N.jsonl.gz`) for the first N free, so nothing
+/// is overwritten.
 async fn unique_target(dir: &Path, name: &str) -> PathBuf {
     let candidate = dir.join(name);
     if !tokio::fs::try_exists(&candidate).await.unwrap_or(false) {
         return candidate;
     }
-    let (stem, ext) = match name.rsplit_once('.') {
-        Some((stem, ext)) => (stem.to_string(), format!(".{ext}")),
-        None => (name.to_string(), String::new()),
+    let (stem, ext) = match name.find(".jsonl") {
+        Some(at) => name.split_at(at),
+        None => (name, ""),
     };
     for n in 1.. {
         let candidate = dir.join(format!("{stem}-{n}{ext}"));

@@ -1,8 +1,31 @@
 //! Reading a file line by line with a cap on line length, so that memory stays bounded by the
 //! longest allowed line whatever the file holds.
 
+use std::path::Path;
+
+use async_compression::tokio::bufread::GzipDecoder;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+
+/// Read buffer for input files.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// True for input files stored gzip-compressed.
+pub fn is_gzip(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "gz")
+}
+
+/// Opens an input file for line reading, decompressing a `*.gz` file as it is read.
+pub async fn open_input(path: &Path) -> std::io::Result<Box<dyn AsyncBufRead + Unpin + Send>> {
+    let file = BufReader::with_capacity(READ_BUFFER, tokio::fs::File::open(path).await?);
+    if !is_gzip(path) {
+        return Ok(Box::new(file));
+    }
+    let mut decoder = GzipDecoder::new(file);
+    // `gzip -c a b > ab.gz` and parallel compressors write several members; read them all.
+    decoder.multiple_members(true);
+    Ok(Box::new(BufReader::with_capacity(READ_BUFFER, decoder)))
+}
 
 /// One line as read: its 1-based number and bytes without the line ending.
 #[derive(Debug)]
@@ -21,6 +44,7 @@ pub struct LineReader<R> {
     buf: Vec<u8>,
     max_bytes: usize,
     number: u64,
+    bytes_read: u64,
     hasher: Sha256,
 }
 
@@ -31,6 +55,7 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
             buf: Vec::new(),
             max_bytes,
             number: 0,
+            bytes_read: 0,
             hasher: Sha256::new(),
         }
     }
@@ -38,6 +63,11 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
     /// Returns the hex SHA-256 of all bytes read so far.
     pub fn sha256(&self) -> String {
         hex::encode(self.hasher.clone().finalize())
+    }
+
+    /// Returns how many bytes were read so far, line endings included.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// Reads the next line, or `None` at the end of the file.
@@ -62,6 +92,7 @@ impl<R: AsyncBufRead + Unpin> LineReader<R> {
             self.buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
             let used = chunk.len() + usize::from(found_end);
             self.hasher.update(&available[..used]);
+            self.bytes_read += used as u64;
             self.reader.consume(used);
             if found_end {
                 break;

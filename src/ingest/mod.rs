@@ -4,7 +4,8 @@
 //! directory itself. A missed or merged event therefore costs at most one rescan interval. A file is
 //! complete once its size and modification time have stayed the same for the settle time. A
 //! file renamed into the inbox after being written elsewhere keeps its old mtime, so it is taken
-//! at once. Names starting with `.` or ending in `.part`, `.tmp` or `.swp` are never taken.
+//! at once. Names starting with `.` or ending in `.part`, `.tmp` or `.swp` are never taken;
+//! `*.jsonl.gz` files are decompressed as they are read.
 
 pub mod file;
 pub mod lines;
@@ -79,7 +80,7 @@ pub fn is_ignored_name(name: &str) -> bool {
 
 /// True for files the inbox takes.
 pub fn is_input_name(name: &str) -> bool {
-    !is_ignored_name(name) && name.ends_with(".jsonl")
+    !is_ignored_name(name) && (name.ends_with(".jsonl") || name.ends_with(".jsonl.gz"))
 }
 
 /// Creates the inbox and the folders files are moved to.
@@ -246,6 +247,7 @@ impl Intake {
         {
             Ok(done) => {
                 self.seen.remove(path);
+                self.reported.remove(path);
                 let r = &done.report;
                 tracing::info!(
                     file = %r.file,
@@ -267,7 +269,12 @@ impl Intake {
                 self.seen.remove(&path);
             }
             Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "failed to ingest input file; retrying at the next scan");
+                // An unreadable file is tried at every scan; say so once, not at every scan.
+                if self.reported.insert(path.to_path_buf()) {
+                    tracing::warn!(path = %path.display(), %error, "failed to ingest input file; retrying at each scan until it can be read");
+                } else {
+                    tracing::debug!(path = %path.display(), %error, "failed to ingest input file again");
+                }
             }
         }
     }
@@ -280,7 +287,7 @@ struct Listing {
     skipped: Vec<(PathBuf, String)>,
 }
 
-/// Lists the `*.jsonl` files directly inside `dir`. A symbolic link is followed only when it
+/// Lists the `*.jsonl` and `*.jsonl.gz` files directly inside `dir`. A symbolic link is followed only when it
 /// leads to a file inside the inbox; such links and folders are skipped with a reason.
 async fn list_candidates(dir: &Path, inbox: &Path) -> Result<Listing, IngestError> {
     let mut entries = tokio::fs::read_dir(dir)
@@ -340,6 +347,9 @@ mod tests {
     #[test]
     fn input_names() {
         assert!(is_input_name("evals.jsonl"));
+        assert!(is_input_name("evals.jsonl.gz"));
+        assert!(!is_input_name("evals.gz"));
+        assert!(!is_input_name("evals.jsonl.gz.part"));
         assert!(!is_input_name(".evals.jsonl"));
         assert!(!is_input_name("evals.jsonl.part"));
         assert!(!is_input_name("evals.jsonl.tmp"));

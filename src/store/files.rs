@@ -3,7 +3,7 @@
 
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::items::{NewItem, insert_item};
+use super::items::{Added, NewItem, insert_item};
 use super::{Store, StoreError, timestamp};
 
 /// The header of a file being ingested.
@@ -48,7 +48,10 @@ pub struct FileIngest {
 }
 
 impl FileIngest {
-    pub async fn add(&mut self, item: &NewItem) -> Result<(), StoreError> {
+    /// Adds an item unless the file already has one with its `custom_id`.
+    // TODO: one statement per line through sqlx costs about 50 µs, so ingest runs near 20,000
+    // lines a second; inserting lines in multi-row statements would be several times faster.
+    pub async fn add(&mut self, item: &NewItem) -> Result<Added, StoreError> {
         insert_item(&mut self.tx, self.file_id, item, &self.now).await
     }
 

@@ -150,19 +150,30 @@ const REALTIME_ELIGIBLE: &str = "state = 'queued' AND next_attempt_at <= ?1
           OR endpoint NOT IN (SELECT value FROM json_each(?2))
           OR (deadline IS NOT NULL AND deadline < ?3))";
 
+/// What happened to an item offered for insertion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    New,
+    /// The file already has an item with this `custom_id`, from line `first_line`.
+    Repeat {
+        first_line: u64,
+    },
+}
+
 pub(crate) async fn insert_item(
     conn: &mut SqliteConnection,
     file_id: i64,
     item: &NewItem,
     now: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
+) -> Result<Added, StoreError> {
+    let inserted = sqlx::query(
         "INSERT INTO work_items
              (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
               next_attempt_at, created_at, updated_at, state, error, finished_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9,
                  CASE WHEN ?10 IS NULL THEN 'queued' ELSE 'failed' END, ?10,
-                 CASE WHEN ?10 IS NULL THEN NULL ELSE ?9 END)",
+                 CASE WHEN ?10 IS NULL THEN NULL ELSE ?9 END)
+         ON CONFLICT (file_id, custom_id) DO NOTHING",
     )
     .bind(file_id)
     .bind(item.line_no as i64)
@@ -174,9 +185,20 @@ pub(crate) async fn insert_item(
     .bind(item.deadline.map(timestamp))
     .bind(now)
     .bind(item.error.as_deref())
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
-    Ok(())
+    if inserted.rows_affected() == 1 {
+        return Ok(Added::New);
+    }
+    let first: i64 =
+        sqlx::query_scalar("SELECT line_no FROM work_items WHERE file_id = ?1 AND custom_id = ?2")
+            .bind(file_id)
+            .bind(&item.custom_id)
+            .fetch_one(conn)
+            .await?;
+    Ok(Added::Repeat {
+        first_line: first as u64,
+    })
 }
 
 fn claimed(row: sqlx::sqlite::SqliteRow) -> ClaimedItem {

@@ -8,6 +8,7 @@ mod batches;
 mod files;
 pub mod items;
 mod models;
+mod scratch;
 
 use std::path::Path;
 use std::time::Duration;
@@ -19,7 +20,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 pub(crate) use batches::mark_harvested;
 pub use batches::{BatchRow, BatchState, NewBatch};
 pub use files::{FileIngest, FileProgress, FileRow, NewFile};
-pub use items::{ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
+pub use items::{Added, ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
+pub use scratch::SeenIds;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

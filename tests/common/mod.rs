@@ -88,12 +88,32 @@ impl Daemon {
 
     /// Starts `batchd run` with extra environment variables.
     pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
+        self.spawn_command(Command::new(env!("CARGO_BIN_EXE_batchd")), env);
+    }
+
+    /// Starts `batchd run` so that file permissions apply to it even when the tests run as
+    /// root: `setpriv` drops the capabilities that let root read any file.
+    pub fn spawn_honouring_permissions(&mut self) {
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return self.spawn();
+        }
+        let caps = "-dac_override,-dac_read_search";
+        let mut setpriv = Command::new("setpriv");
+        setpriv
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg(env!("CARGO_BIN_EXE_batchd"));
+        self.spawn_command(setpriv, &[]);
+    }
+
+    fn spawn_command(&mut self, mut command: Command, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("daemon.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_batchd"))
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
