@@ -2,9 +2,10 @@
 //! token, reports readiness to systemd, and on cancellation stops intake and new submissions,
 //! lets calls already sent finish within the grace period, then exits.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,6 +22,7 @@ use crate::realtime::Realtime;
 use crate::store::{ItemState, Store, StoreError};
 use crate::submit::Submitter;
 use crate::wake::Signal;
+use crate::watchdog::Watchdog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -74,7 +76,7 @@ fn lock_database(config: &Config) -> Result<File, DaemonError> {
 }
 
 /// Sends a state line to systemd when it supervises the process; a no-op otherwise.
-fn notify(state: &[sd_notify::NotifyState<'_>]) {
+pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_some()
         && let Err(error) = sd_notify::notify(state)
     {
@@ -113,6 +115,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     let flush = Signal::new();
     let stages = TaskTracker::new();
     let calls = TaskTracker::new();
+    let watchdog = Watchdog::new();
 
     let catalogue = Catalogue::default();
     if config.ingest.check_models {
@@ -127,7 +130,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
             config.ingest.models_refresh,
             cancel.clone(),
         );
-        spawn_stage(&stages, "models", refresh);
+        spawn_stage(&stages, &watchdog, "models", refresh);
     }
     let checked = config.ingest.check_models.then(|| catalogue.clone());
     let intake = Intake::new(
@@ -138,11 +141,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         checked,
     );
     let (watcher, events) = intake.watch()?;
-    spawn_stage(&stages, "ingest", intake.run(events, cancel.clone()));
+    spawn_stage(
+        &stages,
+        &watchdog,
+        "ingest",
+        intake.run(events, cancel.clone()),
+    );
 
     let packer = Packer::new(store.clone(), config.batch.clone(), packed.clone());
     spawn_stage(
         &stages,
+        &watchdog,
         "pack",
         packer.run(work.listen(), flush.listen(), cancel.clone()),
     );
@@ -157,6 +166,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     );
     spawn_stage(
         &stages,
+        &watchdog,
         "submit",
         submitter.run(packed.listen(), cancel.clone()),
     );
@@ -169,6 +179,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     );
     spawn_stage(
         &stages,
+        &watchdog,
         "poll",
         poller.run(submitted.listen(), cancel.clone()),
     );
@@ -181,16 +192,27 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         work.clone(),
         calls.clone(),
     );
-    spawn_stage(&stages, "realtime", realtime.run(cancel.clone()));
+    spawn_stage(&stages, &watchdog, "realtime", realtime.run(cancel.clone()));
 
     spawn_stage(
         &stages,
+        &watchdog,
         "status",
         report_status(store.clone(), cancel.clone()),
     );
+    notify(&[sd_notify::NotifyState::Ready]);
+    // Started after READY=1, so systemd never hears a ping before the service is up.
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Some(period) = sd_notify::watchdog_enabled()
+    {
+        tracing::info!(
+            period_secs = period.as_secs_f64(),
+            "systemd watchdog enabled"
+        );
+        stages.spawn(watchdog.clone().run(period, cancel.clone()));
+    }
     stages.close();
 
-    notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
         inbox = %config.paths.inbox.display(),
         database = %config.paths.database.display(),
@@ -223,30 +245,37 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     Ok(())
 }
 
-/// Spawns a stage with a span named after it, and logs how it ended.
-fn spawn_stage<F>(tracker: &TaskTracker, name: &'static str, stage: F)
+/// Spawns a stage watched under its name, with a span named after it, and logs how it ended.
+fn spawn_stage<F>(tracker: &TaskTracker, watchdog: &Watchdog, name: &'static str, stage: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    tracker.spawn(
-        async move {
-            stage.await;
-            tracing::debug!(stage = name, "stage stopped");
-        }
-        .instrument(tracing::info_span!("stage", name)),
-    );
+    let stage = watchdog.scope(name, async move {
+        stage.await;
+        tracing::debug!(stage = name, "stage stopped");
+    });
+    tracker.spawn(stage.instrument(tracing::info_span!("stage", name)));
 }
 
-/// Publishes queue depth and jobs in flight to systemd's STATUS every few seconds.
+/// How often `STATUS=` is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Publishes queue depth, jobs in flight and the real-time request rate to systemd's STATUS.
 async fn report_status(store: Store, cancel: CancellationToken) {
+    let mut rate = RequestRate::default();
     loop {
+        let sent = crate::config::SUPPORTED_ENDPOINTS
+            .iter()
+            .map(|endpoint| crate::metrics::global().realtime_requests(endpoint))
+            .sum();
+        let per_minute = rate.sample(Instant::now(), sent);
         if let (Ok(items), Ok(batches)) = (
             store.item_counts().await,
             store.count_unfinished_batches().await,
         ) {
-            let waiting = items[&ItemState::Queued] + items[&ItemState::Packed];
             let status = format!(
-                "queued {waiting}, batch jobs in flight {batches}, real-time calls in flight {}, succeeded {}, failed {}",
+                "queued {}, batch jobs in flight {batches}, real-time {per_minute} requests/min, {} calls in flight, succeeded {}, failed {}",
+                crate::metrics::waiting(&items),
                 items[&ItemState::InFlight],
                 items[&ItemState::Succeeded],
                 items[&ItemState::Failed],
@@ -255,8 +284,35 @@ async fn report_status(store: Store, cancel: CancellationToken) {
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(STATUS_EVERY) => {}
         }
+    }
+}
+
+/// The real-time request rate over the last minute, from samples of the running total.
+#[derive(Debug, Default)]
+struct RequestRate {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RequestRate {
+    /// Records the total sent by `now` and returns the requests per minute over the samples
+    /// of the last minute.
+    fn sample(&mut self, now: Instant, total: u64) -> u64 {
+        self.samples.push_back((now, total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > Duration::from_secs(60))
+        {
+            self.samples.pop_front();
+        }
+        let (first_at, first_total) = self.samples[0];
+        let span = now.duration_since(first_at).as_secs_f64();
+        if span < 1.0 {
+            return 0;
+        }
+        ((total - first_total) as f64 * 60.0 / span).round() as u64
     }
 }
 
@@ -275,4 +331,22 @@ pub async fn cancel_on_signals(cancel: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     cancel.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_rate_covers_the_last_minute() {
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut rate = RequestRate::default();
+        assert_eq!(rate.sample(at(0), 0), 0, "no span yet");
+        assert_eq!(rate.sample(at(30), 50), 100);
+        assert_eq!(rate.sample(at(60), 100), 100);
+        // The sample at 0 s falls out of the window: 60 requests between 30 s and 90 s.
+        assert_eq!(rate.sample(at(90), 110), 60);
+        assert_eq!(rate.sample(at(200), 110), 0, "nothing sent for a minute");
+    }
 }

@@ -4,7 +4,8 @@
 //!
 //! `BATCHD_FAULT_POINT=NAME` aborts the first time the point is reached, `NAME:N` the N-th time.
 //! The points are `after-upload`, `after-create`, `mid-results`, `mid-ingest` and
-//! `after-realtime-answer`.
+//! `after-realtime-answer`. `BATCHD_FAULT_POINT=stall-submit` instead makes the submit stage
+//! hang, as on a call that never returns.
 
 /// Aborts the process here if `BATCHD_FAULT_POINT` names this point and its count is reached.
 #[cfg(feature = "failpoints")]
@@ -27,6 +28,21 @@ pub fn point(name: &str) {
         std::process::abort();
     }
 }
+
+/// Waits forever here if `BATCHD_FAULT_POINT` is `stall-NAME`, as a hung call would, so tests
+/// can show that the watchdog notices a stuck stage.
+#[cfg(feature = "failpoints")]
+pub async fn stall(name: &str) {
+    if std::env::var("BATCHD_FAULT_POINT").is_ok_and(|spec| spec == format!("stall-{name}")) {
+        eprintln!("fault point stall-{name} reached: waiting forever");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Does nothing: fault points are compiled in only with the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub async fn stall(_name: &str) {}
 
 /// Does nothing: fault points are compiled in only with the `failpoints` feature.
 #[cfg(not(feature = "failpoints"))]

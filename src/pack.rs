@@ -134,7 +134,11 @@ impl Packer {
     pub async fn run(self, mut work: Listener, mut flush: Listener, cancel: CancellationToken) {
         let mut force = false;
         loop {
-            let wait = match self.pack_once(force).await {
+            let packed = {
+                let _busy = crate::watchdog::busy();
+                self.pack_once(force).await
+            };
+            let wait = match packed {
                 Ok(pass) => pass.next_flush.unwrap_or(Duration::from_secs(60)),
                 Err(error) => {
                     tracing::warn!(%error, "packing failed; retrying");

@@ -205,6 +205,7 @@ impl Poller {
         errors: &[ResultLine],
         culprit: Option<i64>,
     ) -> Result<(), PollError> {
+        let started = std::time::Instant::now();
         let counts = results::harvest(
             &self.store,
             batch.id,
@@ -215,7 +216,9 @@ impl Poller {
             culprit,
         )
         .await?;
+        crate::metrics::global().write_took(started.elapsed());
         if counts.first {
+            crate::metrics::global().retries("batch", counts.requeued);
             tracing::info!(
                 batch = batch.id,
                 job = %job.id,
@@ -233,7 +236,11 @@ impl Poller {
     /// Runs until cancelled.
     pub async fn run(mut self, mut submitted: Listener, cancel: CancellationToken) {
         loop {
-            if let Err(error) = self.poll_once().await {
+            let polled = {
+                let _busy = crate::watchdog::busy();
+                self.poll_once().await
+            };
+            if let Err(error) = polled {
                 tracing::warn!(%error, "polling batch jobs failed; retrying");
             }
             let wait = self

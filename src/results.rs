@@ -153,6 +153,7 @@ pub async fn record_call_failure(
         let count = error.class() == Failure::Retryable;
         outcome::requeue_in_flight(&mut conn, item_id, count, &next, &message, &timestamp(now))
             .await?;
+        crate::metrics::global().retries("realtime", 1);
         return Ok(AfterFailure::Requeued);
     }
     let message = if error.class() == Failure::Retryable {

@@ -333,7 +333,12 @@ impl Submitter {
     /// Runs until cancelled, submitting when a batch is packed and retrying after failures.
     pub async fn run(mut self, mut packed: Listener, cancel: CancellationToken) {
         loop {
-            if let Err(error) = self.submit_once().await {
+            let submitted = {
+                let _busy = crate::watchdog::busy();
+                crate::fault::stall("submit").await;
+                self.submit_once().await
+            };
+            if let Err(error) = submitted {
                 tracing::warn!(%error, "submitting batches failed; retrying");
             }
             let next_retry = self

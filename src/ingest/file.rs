@@ -426,6 +426,7 @@ pub async fn ingest_file(
                 Added::Repeat { first_line } => checker.repeated(&item, first_line),
             }
             crate::fault::point("mid-ingest");
+            crate::watchdog::progress();
         }
     }
     let mut report = checker.into_report();

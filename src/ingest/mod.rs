@@ -158,7 +158,10 @@ impl Intake {
     /// interval, and re-checks files that are still settling.
     pub async fn run(mut self, mut events: mpsc::Receiver<()>, cancel: CancellationToken) {
         loop {
-            let settling = self.scan_once(&cancel).await;
+            let settling = {
+                let _busy = crate::watchdog::busy();
+                self.scan_once(&cancel).await
+            };
             let wait = if settling {
                 self.config.settle.min(self.config.rescan_interval) / 2
             } else {
@@ -248,6 +251,7 @@ impl Intake {
             Ok(done) => {
                 self.seen.remove(path);
                 self.reported.remove(path);
+                crate::metrics::global().ingest_took(started.elapsed());
                 let r = &done.report;
                 tracing::info!(
                     file = %r.file,

@@ -101,8 +101,9 @@ impl Realtime {
         for endpoint in SUPPORTED_ENDPOINTS {
             let this = self.clone();
             let cancel = cancel.clone();
+            let worker = async move { this.worker(endpoint, cancel).await };
             workers.spawn(
-                async move { this.worker(endpoint, cancel).await }
+                crate::watchdog::scope_child(format!("realtime {endpoint}"), worker)
                     .instrument(tracing::info_span!("realtime", endpoint)),
             );
         }
@@ -146,7 +147,11 @@ impl Realtime {
                 _ = cancel.cancelled() => return,
                 _ = limiter.wait_unpaused() => {}
             }
-            let items = match self.claim(endpoint).await {
+            let claimed = {
+                let _busy = crate::watchdog::busy();
+                self.claim(endpoint).await
+            };
+            let items = match claimed {
                 Ok(items) => items,
                 Err(error) => {
                     tracing::warn!(%error, "failed to claim items for real-time calls; retrying");
@@ -251,6 +256,9 @@ impl Realtime {
             }
         };
         let result = self.provider.call(endpoint, &request).await;
+        let rate_limited = matches!(&result, Err(e) if e.class() == Failure::RateLimited);
+        crate::metrics::global().realtime_request(endpoint, rate_limited);
+        let started = std::time::Instant::now();
         let outcome = match result {
             Ok(answer) => {
                 crate::fault::point("after-realtime-answer");
@@ -258,6 +266,7 @@ impl Realtime {
             }
             Err(error) => self.record_failure(items, &error, limiter).await,
         };
+        crate::metrics::global().write_took(started.elapsed());
         if let Err(error) = outcome {
             tracing::error!(%error, "failed to record a real-time result; the lease will return the items to the queue");
         }
