@@ -28,6 +28,7 @@ pub mod poll;
 pub mod provider;
 pub mod realtime;
 pub mod results;
+pub mod schedule;
 pub mod simulate;
 pub mod store;
 pub mod submit;

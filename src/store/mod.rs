@@ -8,6 +8,7 @@ mod batches;
 mod files;
 pub mod items;
 mod models;
+mod retention;
 mod scratch;
 
 use std::path::Path;
@@ -15,12 +16,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
 
 pub(crate) use batches::mark_harvested;
 pub use batches::{BatchRow, BatchState, NewBatch};
 pub use files::{FileIngest, FileProgress, FileRow, NewFile};
 pub use items::{Added, ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
+pub use retention::Purged;
 pub use scratch::SeenIds;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,8 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // Takes effect only when the database is created; retention then returns freed pages.
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .busy_timeout(Duration::from_secs(30));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
