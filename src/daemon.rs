@@ -88,7 +88,7 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// What the daemon needs to reload its config on SIGHUP.
+/// The inputs of a SIGHUP reload: the config file and the log filter.
 pub struct ReloadSource {
     /// The config file to read again.
     pub config_path: PathBuf,

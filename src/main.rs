@@ -28,7 +28,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a config as `run` would read it (file, BATCHD_* variables, API key) and print
+    /// Check a config as `run` reads it (file, BATCHD_* variables, API key) and print
     /// the resolved settings; exits 1 listing every problem. Touches no network or database.
     Validate {
         /// TOML config file.
