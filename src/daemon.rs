@@ -7,18 +7,21 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
 use crate::ingest::{self, IngestError, Intake};
+use crate::logging::LogControl;
 use crate::models::Catalogue;
 use crate::pack::Packer;
 use crate::poll::Poller;
 use crate::provider::wait::RetryPolicy;
 use crate::provider::{Provider, ProviderError};
 use crate::realtime::Realtime;
+use crate::reload::Reloader;
 use crate::store::{ItemState, Store, StoreError};
 use crate::submit::Submitter;
 use crate::wake::Signal;
@@ -42,10 +45,13 @@ pub enum DaemonError {
     )]
     AlreadyRunning { path: PathBuf },
     #[error(
-        "no API key: set {} (any value works for `batchd simulate`)",
+        "no API key: give the systemd credential `{}` (LoadCredential=) or set {} (any value works for `batchd simulate`)",
+        crate::config::API_KEY_CREDENTIAL,
         crate::config::API_KEY_ENV
     )]
     NoApiKey,
+    #[error("failed to install the SIGHUP handler: {source}")]
+    Signal { source: std::io::Error },
 }
 
 /// Takes an exclusive lock beside the database, so two daemons never share one queue.
@@ -84,11 +90,35 @@ pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Runs the daemon until `cancel` fires.
+/// The inputs of a SIGHUP reload: the config file and the log filter.
+pub struct ReloadSource {
+    /// The config file to read again.
+    pub config_path: PathBuf,
+    /// The log filter to change when `daemon.log_level` changes.
+    pub log: Option<LogControl>,
+}
+
+/// Runs the daemon until `cancel` fires, with the config fixed for its lifetime.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), DaemonError> {
+    run_with_reload(config, None, cancel).await
+}
+
+/// Runs the daemon until `cancel` fires. With `reload`, SIGHUP reloads the config.
+pub async fn run_with_reload(
+    config: Config,
+    reload: Option<ReloadSource>,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
     if config.provider.api_key.expose().is_none() {
         return Err(DaemonError::NoApiKey);
     }
+    // Installed first: until a handler exists, SIGHUP's default action ends the process.
+    let hangup = match reload {
+        Some(_) => {
+            Some(signal(SignalKind::hangup()).map_err(|source| DaemonError::Signal { source })?)
+        }
+        None => None,
+    };
     let _lock = lock_database(&config)?;
     let store = Store::open(&config.paths.database).await?;
     ingest::create_dirs(&config.paths)?;
@@ -110,6 +140,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     }
 
     let work = Signal::new();
+    let reloader = reload
+        .map(|source| Reloader::new(source.config_path, config.clone(), source.log, work.clone()));
+    let live = match &reloader {
+        Some(reloader) => reloader.subscribe(),
+        None => crate::config::fixed_live(&config),
+    };
     let packed = Signal::new();
     let submitted = Signal::new();
     let flush = Signal::new();
@@ -148,7 +184,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         intake.run(events, cancel.clone()),
     );
 
-    let packer = Packer::new(store.clone(), config.batch.clone(), packed.clone());
+    let packer = Packer::new(
+        store.clone(),
+        config.batch.clone(),
+        live.clone(),
+        packed.clone(),
+    );
     spawn_stage(
         &stages,
         &watchdog,
@@ -189,6 +230,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         provider,
         config.realtime.clone(),
         &config.batch,
+        live,
         work.clone(),
         calls.clone(),
     );
@@ -200,6 +242,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         "status",
         report_status(store.clone(), cancel.clone()),
     );
+    if let (Some(reloader), Some(hangup)) = (reloader, hangup) {
+        spawn_stage(
+            &stages,
+            &watchdog,
+            "reload",
+            reload_on_hangup(hangup, reloader, cancel.clone()),
+        );
+    }
+
     notify(&[sd_notify::NotifyState::Ready]);
     // Started after READY=1, so systemd never hears a ping before the service is up.
     if std::env::var_os("NOTIFY_SOCKET").is_some()
@@ -316,9 +367,36 @@ impl RequestRate {
     }
 }
 
-/// Cancels `cancel` on SIGTERM or SIGINT: the one place the daemon handles signals.
+/// Reloads the config on each SIGHUP until `cancel` fires.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    mut reloader: Reloader,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            received = hangup.recv() => {
+                if received.is_none() {
+                    return;
+                }
+            }
+        }
+        tracing::info!("SIGHUP received; reloading the config");
+        // systemd 253 and newer fail a reload whose RELOADING=1 comes without MONOTONIC_USEC.
+        match sd_notify::NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+            Err(error) => tracing::debug!(%error, "failed to read the monotonic clock"),
+        }
+        // The outcome, good or bad, is logged by the reloader.
+        let _ = reloader.reload();
+        notify(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+/// Cancels `cancel` on SIGTERM or SIGINT. With [`reload_on_hangup`], the daemon's signal
+/// handling.
 pub async fn cancel_on_signals(cancel: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

@@ -3,7 +3,8 @@
 //!
 //! The stages, in the order data moves through them:
 //!
-//! - [`config`]: settings from defaults and a TOML file, validated into one typed `Config`.
+//! - [`config`]: settings from defaults, a TOML file and `BATCHD_*` variables, validated into
+//!   one typed `Config`.
 //! - [`store`]: the SQLite database, its migrations and typed queries.
 //! - [`ingest`]: watch the inbox, check each line, store work items, move the file away.
 //! - [`pack`]: group queued items into batches under the request, byte and in-flight caps.
@@ -14,19 +15,22 @@
 //! - [`daemon`]: run the stages as named tasks under one cancellation token.
 //!
 //! Beside them: [`provider`] is the Together HTTP client, [`models`] its model catalogue, [`simulate`] a local Together API
-//! simulator for tests and the demo, and [`cli`] the commands that read the database.
+//! simulator for tests and the demo, [`logging`] the log output, [`reload`] the SIGHUP reload,
+//! and [`cli`] the commands that read the database.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fault;
 pub mod ingest;
+pub mod logging;
 pub mod metrics;
 pub mod models;
 pub mod pack;
 pub mod poll;
 pub mod provider;
 pub mod realtime;
+pub mod reload;
 pub mod results;
 pub mod schedule;
 pub mod simulate;

@@ -1,16 +1,15 @@
 //! The `batchd` command: parse the command line, set up logging, hand over to the library.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 use batchd::cli::{Status, demo};
-use batchd::config::Config;
+use batchd::config::{Config, LogFormat};
+use batchd::logging;
 use batchd::store::Store;
 
 /// Batch LLM inference on Together AI: JSONL files in, results in SQLite.
@@ -25,6 +24,13 @@ struct Cli {
 enum Command {
     /// Run the daemon: watch the inbox, send requests, store results.
     Run {
+        /// TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config as `run` reads it (file, BATCHD_* variables, API key) and print
+    /// the resolved settings; exits 1 listing every problem. Touches no network or database.
+    Validate {
         /// TOML config file.
         #[arg(long)]
         config: PathBuf,
@@ -56,25 +62,30 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-fn init_logging(default_level: &str) {
-    let filter = EnvFilter::try_from_env("BATCHD_LOG")
-        .or_else(|_| EnvFilter::try_new(default_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 async fn run(command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
-            init_logging(&config.daemon.log_level);
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
+            let log = logging::init(&config.daemon.log_level, config.daemon.log_format);
             let cancel = CancellationToken::new();
             tokio::spawn(batchd::daemon::cancel_on_signals(cancel.clone()));
-            batchd::daemon::run(config, cancel).await?;
+            let reload = batchd::daemon::ReloadSource {
+                config_path: path,
+                log: Some(log),
+            };
+            batchd::daemon::run_with_reload(config, Some(reload), cancel).await?;
+            Ok(0)
+        }
+        Command::Validate { config: path } => {
+            let config = Config::load(&path)?;
+            print!("{}", config.to_toml());
+            if config.provider.api_key.expose().is_none() {
+                eprintln!(
+                    "warning: no API key, so `batchd run` would not start: give the systemd credential `{}` or set {}",
+                    batchd::config::API_KEY_CREDENTIAL,
+                    batchd::config::API_KEY_ENV
+                );
+            }
             Ok(0)
         }
         Command::Status { config, json } => {
@@ -97,14 +108,14 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             json,
         } => check(&files, config.as_deref(), json).await,
         Command::Simulate(args) => {
-            init_logging("info");
+            logging::init("info", LogFormat::Text);
             let cancel = CancellationToken::new();
             tokio::spawn(batchd::daemon::cancel_on_signals(cancel.clone()));
             batchd::simulate::run_cli(args, cancel).await?;
             Ok(0)
         }
         Command::Demo(args) => {
-            init_logging("warn,batchd=info");
+            logging::init("warn,batchd=info", LogFormat::Text);
             demo::run(args).await
         }
     }

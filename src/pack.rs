@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BatchConfig;
+use crate::config::{BatchConfig, LiveReceiver};
 use crate::store::{NewBatch, PackCandidate, Store, StoreError};
 use crate::submit::line_len;
 use crate::wake::{Listener, Signal};
@@ -19,6 +19,8 @@ use crate::wake::{Listener, Signal};
 pub struct Packer {
     store: Store,
     config: BatchConfig,
+    /// The request, byte and in-flight caps, which a reload can change between passes.
+    live: LiveReceiver,
     batchable: String,
     /// Raised after a batch was packed.
     packed: Signal,
@@ -55,12 +57,13 @@ pub fn fit_batch(candidates: &[PackCandidate], max_bytes: u64) -> (Vec<i64>, u64
 }
 
 impl Packer {
-    pub fn new(store: Store, config: BatchConfig, packed: Signal) -> Self {
+    pub fn new(store: Store, config: BatchConfig, live: LiveReceiver, packed: Signal) -> Self {
         let batchable =
             serde_json::to_string(&config.batchable_endpoints).expect("strings serialize");
         Packer {
             store,
             config,
+            live,
             batchable,
             packed,
         }
@@ -73,15 +76,16 @@ impl Packer {
         let cutoff = Utc::now()
             + chrono::Duration::from_std(self.config.deadline_margin).unwrap_or_default();
         loop {
+            let caps = self.live.borrow().clone();
             let in_flight = self.store.count_unfinished_batches().await? as usize;
-            if in_flight >= self.config.max_in_flight {
+            if in_flight >= caps.max_in_flight {
                 return Ok(pass);
             }
             let groups = self.store.pack_groups(&self.batchable, cutoff).await?;
             let now = Utc::now();
             let linger = chrono::Duration::from_std(self.config.max_linger).unwrap_or_default();
             let due = groups.iter().find(|g| {
-                flush || g.count as usize >= self.config.max_requests || g.oldest + linger <= now
+                flush || g.count as usize >= caps.max_requests || g.oldest + linger <= now
             });
             pass.next_flush = groups
                 .iter()
@@ -92,16 +96,16 @@ impl Packer {
             };
             let candidates = self
                 .store
-                .pack_candidates(group, cutoff, self.config.max_requests)
+                .pack_candidates(group, cutoff, caps.max_requests)
                 .await?;
             if candidates.is_empty() {
                 return Ok(pass);
             }
-            let (ids, bytes, oversized) = fit_batch(&candidates, self.config.max_bytes);
+            let (ids, bytes, oversized) = fit_batch(&candidates, caps.max_bytes);
             for (id, len) in oversized {
                 let reason = format!(
                     "request is {len} bytes as a batch line, more than the batch limit of {} bytes (`batch.max_bytes`)",
-                    self.config.max_bytes
+                    caps.max_bytes
                 );
                 self.store.fail_queued(id, &reason).await?;
                 tracing::warn!(

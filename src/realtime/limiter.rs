@@ -6,10 +6,14 @@
 //! minute's burst at once would be refused anyway. A 429 pauses the whole endpoint for the
 //! wait the provider asked for, not only the request that got it.
 //!
+//! A reload can change an endpoint's rate: [`EndpointLimiter::set_rate`] swaps in a fresh GCRA
+//! and keeps any pause. The fresh one starts with its burst available, so a change lets up to
+//! one second's worth through at once.
+//!
 //! The limiter reads time from tokio's clock, so tests with paused time drive it exactly.
 
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -40,9 +44,9 @@ type Gcra = RateLimiter<
 /// The limiter of one endpoint.
 #[derive(Debug)]
 pub struct EndpointLimiter {
-    gcra: Gcra,
+    /// The current rate per minute and its GCRA.
+    gcra: Mutex<(u32, Arc<Gcra>)>,
     clock: TokioClock,
-    per_minute: u32,
     paused_until: Mutex<Option<Instant>>,
 }
 
@@ -62,16 +66,25 @@ impl EndpointLimiter {
         let clock = TokioClock {
             start: Instant::now(),
         };
+        let gcra = RateLimiter::direct_with_clock(quota(per_minute), clock.clone());
         EndpointLimiter {
-            gcra: RateLimiter::direct_with_clock(quota(per_minute), clock.clone()),
+            gcra: Mutex::new((per_minute, Arc::new(gcra))),
             clock,
-            per_minute,
             paused_until: Mutex::new(None),
         }
     }
 
     pub fn rate_per_minute(&self) -> u32 {
-        self.per_minute
+        self.gcra.lock().expect("limiter lock").0
+    }
+
+    /// Changes the rate; a no-op when it is unchanged.
+    pub fn set_rate(&self, per_minute: u32) {
+        let mut current = self.gcra.lock().expect("limiter lock");
+        if current.0 != per_minute {
+            let gcra = RateLimiter::direct_with_clock(quota(per_minute), self.clock.clone());
+            *current = (per_minute, Arc::new(gcra));
+        }
     }
 
     /// Waits while the endpoint is paused after a 429.
@@ -89,7 +102,8 @@ impl EndpointLimiter {
     pub async fn acquire(&self) {
         loop {
             self.wait_unpaused().await;
-            match self.gcra.check() {
+            let gcra = self.gcra.lock().expect("limiter lock").1.clone();
+            match gcra.check() {
                 Ok(()) => return,
                 Err(not_until) => {
                     tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
@@ -145,6 +159,28 @@ mod tests {
                 "rate {rate}: only {max_count} requests in one minute"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changed_rate_holds_from_then_on() {
+        let limiter = EndpointLimiter::per_minute(6000);
+        for _ in 0..10 {
+            limiter.acquire().await;
+        }
+        limiter.set_rate(30);
+        assert_eq!(limiter.rate_per_minute(), 30);
+        let origin = Instant::now();
+        let mut times = Vec::new();
+        for _ in 0..65 {
+            limiter.acquire().await;
+            times.push(origin.elapsed());
+        }
+        let max_count = max_in_window(&times, Duration::from_secs(60));
+        assert!(max_count <= 30, "{max_count} requests in one minute at 30");
+        assert!(
+            max_count >= 28,
+            "only {max_count} requests in one minute at 30"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{BatchConfig, RealtimeConfig, SUPPORTED_ENDPOINTS};
+use crate::config::{BatchConfig, LiveReceiver, RealtimeConfig, SUPPORTED_ENDPOINTS};
 use crate::provider::wait::RetryPolicy;
 use crate::provider::{Answer, Failure, Provider, ProviderError};
 use crate::results::{self, AfterFailure};
@@ -38,20 +38,12 @@ pub struct Realtime {
     batchable: String,
     deadline_margin: Duration,
     limiters: HashMap<&'static str, Arc<EndpointLimiter>>,
+    /// The per-minute rates, which a reload can change; read before each call.
+    live: LiveReceiver,
     permits: Arc<Semaphore>,
     /// Raised when items arrive or are requeued.
     work: Signal,
     calls: TaskTracker,
-}
-
-/// Returns the configured per-minute rate of an endpoint.
-pub fn rate_for(config: &RealtimeConfig, endpoint: &str) -> u32 {
-    match endpoint {
-        "/v1/chat/completions" => config.chat_per_minute,
-        "/v1/completions" => config.completions_per_minute,
-        EMBEDDINGS => config.embeddings_per_minute,
-        _ => config.images_per_minute,
-    }
 }
 
 impl Realtime {
@@ -60,18 +52,17 @@ impl Realtime {
         provider: Provider,
         config: RealtimeConfig,
         batch: &BatchConfig,
+        live: LiveReceiver,
         work: Signal,
         calls: TaskTracker,
     ) -> Arc<Realtime> {
-        let limiters = SUPPORTED_ENDPOINTS
-            .iter()
-            .map(|&e| {
-                (
-                    e,
-                    Arc::new(EndpointLimiter::per_minute(rate_for(&config, e))),
-                )
-            })
-            .collect();
+        let limiters = {
+            let rates = live.borrow();
+            SUPPORTED_ENDPOINTS
+                .iter()
+                .map(|&e| (e, Arc::new(EndpointLimiter::per_minute(rates.rate_for(e)))))
+                .collect()
+        };
         Arc::new(Realtime {
             store,
             provider,
@@ -81,6 +72,7 @@ impl Realtime {
             deadline_margin: batch.deadline_margin,
             config,
             limiters,
+            live,
             work,
             calls,
         })
@@ -167,6 +159,7 @@ impl Realtime {
                 }
                 continue;
             }
+            limiter.set_rate(self.live.borrow().rate_for(endpoint));
             tokio::select! {
                 _ = cancel.cancelled() => {
                     // Never sent, so return them now instead of waiting for the lease to expire.
