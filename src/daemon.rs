@@ -22,6 +22,7 @@ use crate::provider::wait::RetryPolicy;
 use crate::provider::{Provider, ProviderError};
 use crate::realtime::Realtime;
 use crate::reload::Reloader;
+use crate::schedule::Housekeeping;
 use crate::store::{ItemState, Store, StoreError};
 use crate::submit::Submitter;
 use crate::wake::Signal;
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Ingest(#[from] IngestError),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("failed to lock {path}: {source}")]
     Lock {
         path: PathBuf,
@@ -120,6 +123,11 @@ pub async fn run_with_reload(
         None => None,
     };
     let _lock = lock_database(&config)?;
+    // Bound before READY, so a taken port is a start-up error rather than a silent gap.
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let store = Store::open(&config.paths.database).await?;
     ingest::create_dirs(&config.paths)?;
     let policy = RetryPolicy {
@@ -161,12 +169,6 @@ pub async fn run_with_reload(
                 "starting without a model catalogue; items are not checked against it until a refresh succeeds"
             ),
         }
-        let refresh = catalogue.clone().run(
-            provider.clone(),
-            config.ingest.models_refresh,
-            cancel.clone(),
-        );
-        spawn_stage(&stages, &watchdog, "models", refresh);
     }
     let checked = config.ingest.check_models.then(|| catalogue.clone());
     let intake = Intake::new(
@@ -225,6 +227,21 @@ pub async fn run_with_reload(
         poller.run(submitted.listen(), cancel.clone()),
     );
 
+    let housekeeping = Housekeeping {
+        store: store.clone(),
+        flush: flush.clone(),
+        models: config
+            .ingest
+            .check_models
+            .then(|| (catalogue.clone(), provider.clone())),
+    };
+    spawn_stage(
+        &stages,
+        &watchdog,
+        "schedule",
+        crate::schedule::run(housekeeping, live.clone(), cancel.clone()),
+    );
+
     let realtime = Realtime::new(
         store.clone(),
         provider,
@@ -242,6 +259,10 @@ pub async fn run_with_reload(
         "status",
         report_status(store.clone(), cancel.clone()),
     );
+    if let Some(listener) = metrics_listener {
+        let serve = crate::metrics::serve(listener, store.clone(), cancel.clone());
+        spawn_stage(&stages, &watchdog, "metrics", serve);
+    }
     if let (Some(reloader), Some(hangup)) = (reloader, hangup) {
         spawn_stage(
             &stages,

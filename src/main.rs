@@ -79,12 +79,14 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Validate { config: path } => {
             let config = Config::load(&path)?;
             print!("{}", config.to_toml());
+            // `run` refuses to start without a key, so as `ExecStartPre=` this must fail too.
             if config.provider.api_key.expose().is_none() {
                 eprintln!(
-                    "warning: no API key, so `batchd run` would not start: give the systemd credential `{}` or set {}",
+                    "error: no API key, so `batchd run` would not start: give the systemd credential `{}` or set {}",
                     batchd::config::API_KEY_CREDENTIAL,
                     batchd::config::API_KEY_ENV
                 );
+                return Ok(1);
             }
             Ok(0)
         }

@@ -170,6 +170,9 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsEr
 
 /// Serves `GET /metrics` on `listener` until cancelled.
 pub async fn serve(listener: tokio::net::TcpListener, store: Store, cancel: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(url = %format!("http://{addr}/metrics"), "serving Prometheus metrics");
+    }
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .with_state(store);

@@ -4,9 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::provider::Provider;
 
@@ -77,17 +74,6 @@ impl Catalogue {
                 tracing::warn!(%error, "failed to fetch the model catalogue; keeping the previous one");
                 None
             }
-        }
-    }
-
-    /// Refreshes every `interval` until cancelled.
-    pub async fn run(self, provider: Provider, interval: Duration, cancel: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
-            self.refresh(&provider).await;
         }
     }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use cron::Schedule;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{LiveReceiver, SchedulesConfig};
 use crate::models::Catalogue;
 use crate::provider::Provider;
 use crate::store::Store;
@@ -56,23 +57,22 @@ impl Job {
     }
 }
 
-/// What the jobs act on.
+/// The state the jobs act on.
 pub struct Housekeeping {
     pub store: Store,
     pub flush: Signal,
-    pub retention: Duration,
     /// The catalogue and the provider to refresh it from, when models are checked.
     pub models: Option<(Catalogue, Provider)>,
 }
 
 impl Housekeeping {
-    async fn run_job(&self, job: Job) {
+    async fn run_job(&self, job: Job, retention: Duration) {
         match job {
             Job::Flush => {
                 tracing::debug!("scheduled flush of partial batches");
                 self.flush.raise();
             }
-            Job::Retention => self.purge().await,
+            Job::Retention => self.purge(retention).await,
             Job::RefreshModels => {
                 if let Some((catalogue, provider)) = &self.models {
                     catalogue.refresh(provider).await;
@@ -81,8 +81,8 @@ impl Housekeeping {
         }
     }
 
-    async fn purge(&self) {
-        let cutoff = Utc::now() - chrono::Duration::from_std(self.retention).unwrap_or_default();
+    async fn purge(&self, retention: Duration) {
+        let cutoff = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
         match self.store.purge_exported(cutoff).await {
             Ok(purged) if purged.items > 0 => tracing::info!(
                 files = purged.files,
@@ -106,24 +106,44 @@ fn next_due(schedules: &[(Job, Schedule)], now: DateTime<Utc>) -> Option<(Job, D
         .min_by_key(|(_, at)| *at)
 }
 
-/// Runs each job on its schedule until cancelled.
-pub async fn run(
-    schedules: Vec<(Job, Schedule)>,
-    housekeeping: Housekeeping,
-    cancel: CancellationToken,
-) {
+/// Returns the scheduled jobs of `config`.
+fn jobs(config: &SchedulesConfig) -> Vec<(Job, Schedule)> {
+    [
+        (Job::Flush, &config.flush),
+        (Job::Retention, &config.retention_run),
+        (Job::RefreshModels, &config.refresh_models),
+    ]
+    .into_iter()
+    .filter_map(|(job, cron)| cron.as_ref().map(|c| (job, c.schedule.clone())))
+    .collect()
+}
+
+/// Runs each job on its schedule until cancelled, following schedule changes made by a reload.
+pub async fn run(housekeeping: Housekeeping, mut live: LiveReceiver, cancel: CancellationToken) {
+    // A daemon that never reloads drops its sender; its schedules then stay as they are.
+    let mut follow = true;
     loop {
-        let Some((job, at)) = next_due(&schedules, Utc::now()) else {
-            return;
+        let settings = live.borrow_and_update().schedules.clone();
+        let wait = next_due(&jobs(&settings), Utc::now())
+            .map(|(job, at)| (job, (at - Utc::now()).to_std().unwrap_or_default()));
+        let due = async {
+            match wait {
+                Some((job, wait)) => {
+                    tokio::time::sleep(wait).await;
+                    job
+                }
+                None => std::future::pending().await,
+            }
         };
-        let wait = (at - Utc::now()).to_std().unwrap_or_default();
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            changed = live.changed(), if follow => follow = changed.is_ok(),
+            job = due => {
+                let _busy = crate::watchdog::busy();
+                tracing::debug!(job = job.name(), "running scheduled job");
+                housekeeping.run_job(job, settings.retention).await;
+            }
         }
-        let _busy = crate::watchdog::busy();
-        tracing::debug!(job = job.name(), "running scheduled job");
-        housekeeping.run_job(job).await;
     }
 }
 

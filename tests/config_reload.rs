@@ -83,10 +83,10 @@ fn validate_prints_resolved_config_with_key_hidden() {
 }
 
 #[test]
-fn validate_shows_unset_key() {
+fn validate_fails_without_a_key() {
     let daemon = Daemon::prepare("http://127.0.0.1:9", "");
     let output = validate(&daemon, &[("TOGETHER_API_KEY", "")]);
-    assert!(output.status.success());
+    assert_eq!(output.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("api_key = \"<unset>\""), "{stdout}");
     let stderr = String::from_utf8_lossy(&output.stderr);

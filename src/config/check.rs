@@ -163,24 +163,34 @@ impl Section<'_, '_> {
 
     /// Reads a duration in seconds: a positive number, fractions allowed.
     pub(super) fn secs(&mut self, key: &'static str, default: f64) -> Duration {
-        let secs = match self.take(key) {
-            None => return Duration::from_secs_f64(default),
+        Duration::from_secs_f64(self.positive(key, default, "seconds"))
+    }
+
+    /// Reads a duration in days: a positive number, fractions allowed.
+    pub(super) fn days(&mut self, key: &'static str, default: f64) -> Duration {
+        Duration::from_secs_f64(self.positive(key, default, "days") * 86_400.0)
+    }
+
+    /// Reads a positive number of `unit`, up to 1e9.
+    fn positive(&mut self, key: &'static str, default: f64, unit: &str) -> f64 {
+        let value = match self.take(key) {
+            None => return default,
             Some(Value::Integer(n)) => n as f64,
             Some(Value::Float(x)) => x,
             Some(other) => {
-                self.wrong_type(key, &other, "a number of seconds");
-                return Duration::from_secs_f64(default);
+                self.wrong_type(key, &other, &format!("a number of {unit}"));
+                return default;
             }
         };
-        if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        if !value.is_finite() || value <= 0.0 || value > 1e9 {
             let full = self.full(key);
             self.problem(
                 key,
-                format!("`{full}` = {secs} is out of range: expected a positive number of seconds up to 1e9"),
+                format!("`{full}` = {value} is out of range: expected a positive number of {unit} up to 1e9"),
             );
-            return Duration::from_secs_f64(default);
+            return default;
         }
-        Duration::from_secs_f64(secs)
+        value
     }
 
     /// Reads a whole number from 1 to `max`.

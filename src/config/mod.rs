@@ -100,6 +100,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub batch: BatchConfig,
     pub realtime: RealtimeConfig,
+    pub schedules: SchedulesConfig,
+    pub metrics: MetricsConfig,
     pub daemon: DaemonConfig,
 }
 
@@ -134,8 +136,6 @@ pub struct IngestConfig {
     pub reject_file_on_error: bool,
     /// Fail items at ingest whose model is not in the provider's catalogue.
     pub check_models: bool,
-    /// How often the model catalogue is fetched again.
-    pub models_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +183,40 @@ pub struct RealtimeConfig {
     pub embedding_tokens_per_request: u64,
     /// Estimated tokens of one embedding input; longer inputs fail as too long.
     pub embedding_max_input_tokens: u64,
+}
+
+/// A cron schedule with the expression it was read from.
+#[derive(Debug, Clone)]
+pub struct Cron {
+    pub expression: String,
+    pub schedule: cron::Schedule,
+}
+
+/// Two schedules are the same when their expressions are.
+impl PartialEq for Cron {
+    fn eq(&self, other: &Self) -> bool {
+        self.expression == other.expression
+    }
+}
+
+impl Eq for Cron {}
+
+/// Housekeeping jobs; a job without a schedule does not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulesConfig {
+    /// Sends partial batches now, whatever `batch.max_linger_secs` says.
+    pub flush: Option<Cron>,
+    /// Deletes the items of files exported more than `retention` ago.
+    pub retention_run: Option<Cron>,
+    pub retention: Duration,
+    /// Fetches the provider's model list again, when models are checked.
+    pub refresh_models: Option<Cron>,
+}
+
+/// The Prometheus endpoint, off unless `listen` is set.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,11 +313,12 @@ pub struct LiveSettings {
     pub embeddings_per_minute: u32,
     pub images_per_minute: u32,
     pub log_level: String,
+    pub schedules: SchedulesConfig,
 }
 
 impl LiveSettings {
     /// The keys of these settings, as `section.key`.
-    pub const KEYS: [&str; 8] = [
+    pub const KEYS: [&str; 12] = [
         "batch.max_requests",
         "batch.max_bytes",
         "batch.max_in_flight",
@@ -292,6 +327,10 @@ impl LiveSettings {
         "realtime.embeddings_per_minute",
         "realtime.images_per_minute",
         "daemon.log_level",
+        "schedules.flush",
+        "schedules.retention",
+        "schedules.retention_days",
+        "schedules.refresh_models",
     ];
 
     pub fn from_config(c: &Config) -> Self {
@@ -304,6 +343,7 @@ impl LiveSettings {
             embeddings_per_minute: c.realtime.embeddings_per_minute,
             images_per_minute: c.realtime.images_per_minute,
             log_level: c.daemon.log_level.clone(),
+            schedules: c.schedules.clone(),
         }
     }
 
@@ -317,6 +357,7 @@ impl LiveSettings {
         c.realtime.embeddings_per_minute = self.embeddings_per_minute;
         c.realtime.images_per_minute = self.images_per_minute;
         c.daemon.log_level = self.log_level.clone();
+        c.schedules = self.schedules.clone();
     }
 
     /// Returns the per-minute rate of a real-time endpoint.
@@ -568,5 +609,44 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("sk-secret"));
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn schedules_default_to_daily_retention_and_hourly_models() {
+        let config = Config::from_toml(MINIMAL, ApiKey::default()).unwrap();
+        let s = &config.schedules;
+        assert!(s.flush.is_none(), "no scheduled flush by default");
+        assert_eq!(s.retention_run.as_ref().unwrap().expression, "0 3 * * *");
+        assert_eq!(s.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(s.refresh_models.as_ref().unwrap().expression, "0 * * * *");
+        assert_eq!(config.metrics.listen, None, "metrics are off by default");
+    }
+
+    #[test]
+    fn bad_schedules_and_metrics_address_name_their_keys() {
+        let text = format!(
+            "{MINIMAL}\n[schedules]\nflush = \"every hour\"\nretention = \"0 25 * * *\"\nretention_days = 0\n[metrics]\nlisten = \"0.0.0.0:9187\"\n"
+        );
+        let found = problems(layered(&text, &[]));
+        assert_eq!(found.len(), 4, "{found:#?}");
+        let expected = [
+            "`schedules.flush` = \"every hour\" has 2 fields",
+            "`schedules.retention` = \"0 25 * * *\" is not a valid cron expression",
+            "`schedules.retention_days` = 0 is out of range",
+            "`metrics.listen` = \"0.0.0.0:9187\" is not a loopback address",
+        ];
+        for text in expected {
+            assert!(
+                found.iter().any(|p| p.contains(text)),
+                "{text} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_schedule_switches_the_job_off() {
+        let text = format!("{MINIMAL}\n[schedules]\nretention = \"\"\n");
+        let config = Config::from_toml(&text, ApiKey::default()).unwrap();
+        assert!(config.schedules.retention_run.is_none());
     }
 }

@@ -75,7 +75,6 @@ pub fn to_table(c: &Config) -> Table {
                 Value::Boolean(i.reject_file_on_error),
             ),
             ("check_models", Value::Boolean(i.check_models)),
-            ("models_refresh_secs", secs(i.models_refresh)),
         ],
     );
 
@@ -138,6 +137,28 @@ pub fn to_table(c: &Config) -> Table {
                 int(r.embedding_max_input_tokens),
             ),
         ],
+    );
+
+    let s = &c.schedules;
+    let cron = |job: &Option<super::Cron>| string(job.as_ref().map_or("", |c| &c.expression));
+    add(
+        "schedules",
+        vec![
+            ("flush", cron(&s.flush)),
+            ("retention", cron(&s.retention_run)),
+            (
+                "retention_days",
+                Value::Float(s.retention.as_secs_f64() / 86_400.0),
+            ),
+            ("refresh_models", cron(&s.refresh_models)),
+        ],
+    );
+    add(
+        "metrics",
+        vec![(
+            "listen",
+            string(&c.metrics.listen.map_or(String::new(), |a| a.to_string())),
+        )],
     );
 
     let d = &c.daemon;

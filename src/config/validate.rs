@@ -9,13 +9,22 @@ use toml::Table;
 use super::check::{Checker, Section};
 use super::layers::Origins;
 use super::{
-    ApiKey, BatchConfig, Config, DEFAULT_BASE_URL, DaemonConfig, IngestConfig, LogFormat,
-    PROVIDER_MAX_BATCH_BYTES, PROVIDER_MAX_BATCH_LINES, PathsConfig, ProviderConfig,
-    RealtimeConfig, SUPPORTED_ENDPOINTS,
+    ApiKey, BatchConfig, Config, Cron, DEFAULT_BASE_URL, DaemonConfig, IngestConfig, LogFormat,
+    MetricsConfig, PROVIDER_MAX_BATCH_BYTES, PROVIDER_MAX_BATCH_LINES, PathsConfig, ProviderConfig,
+    RealtimeConfig, SUPPORTED_ENDPOINTS, SchedulesConfig,
 };
 
 /// The sections of a config file, in the order they are validated and rendered.
-pub const SECTIONS: [&str; 6] = ["provider", "paths", "ingest", "batch", "realtime", "daemon"];
+pub const SECTIONS: [&str; 8] = [
+    "provider",
+    "paths",
+    "ingest",
+    "batch",
+    "realtime",
+    "schedules",
+    "metrics",
+    "daemon",
+];
 
 /// Validates the merged table into a [`Config`], or returns every problem found. Also returns
 /// every key the validation reads, as `section.key`.
@@ -31,6 +40,8 @@ pub(super) fn validate(
     let ingest = ingest(c.section(&mut root, "ingest"));
     let batch = batch(c.section(&mut root, "batch"));
     let realtime = realtime(c.section(&mut root, "realtime"));
+    let schedules = schedules(c.section(&mut root, "schedules"));
+    let metrics = metrics(c.section(&mut root, "metrics"));
     let daemon = daemon(c.section(&mut root, "daemon"));
     c.unknown_sections(root, &SECTIONS);
 
@@ -53,6 +64,8 @@ pub(super) fn validate(
         ingest,
         batch,
         realtime,
+        schedules,
+        metrics,
         daemon,
     };
     let result = if problems.is_empty() {
@@ -126,7 +139,6 @@ fn ingest(mut s: Section) -> IngestConfig {
         max_file_bytes: s.count("max_file_bytes", 1 << 30, 1 << 40) as u64,
         reject_file_on_error: s.bool("reject_file_on_error", false),
         check_models: s.bool("check_models", true),
-        models_refresh: s.secs("models_refresh_secs", 3600.0),
     };
     s.finish();
     config
@@ -207,6 +219,61 @@ fn realtime(mut s: Section) -> RealtimeConfig {
     }
     s.finish();
     config
+}
+
+/// Reads a cron expression; an empty string switches the job off.
+fn cron(s: &mut Section, key: &'static str, default: &str) -> Option<Cron> {
+    let expression = s.string(key).unwrap_or_else(|| default.to_string());
+    if expression.trim().is_empty() {
+        return None;
+    }
+    match crate::schedule::parse_cron(&expression) {
+        Ok(schedule) => Some(Cron {
+            expression,
+            schedule,
+        }),
+        Err(reason) => {
+            s.problem(
+                key,
+                format!("`schedules.{key}` = {reason}, or \"\" to switch the job off"),
+            );
+            None
+        }
+    }
+}
+
+fn schedules(mut s: Section) -> SchedulesConfig {
+    let config = SchedulesConfig {
+        flush: cron(&mut s, "flush", ""),
+        retention_run: cron(&mut s, "retention", "0 3 * * *"),
+        retention: s.days("retention_days", 30.0),
+        refresh_models: cron(&mut s, "refresh_models", "0 * * * *"),
+    };
+    s.finish();
+    config
+}
+
+fn metrics(mut s: Section) -> MetricsConfig {
+    let listen = s.string("listen").filter(|text| !text.is_empty());
+    let listen = listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() => Some(addr),
+        Ok(addr) => {
+            s.problem(
+                "listen",
+                format!("`metrics.listen` = \"{addr}\" is not a loopback address: the endpoint has no authentication, so use 127.0.0.1 or [::1] and a reverse proxy for remote scrapes"),
+            );
+            None
+        }
+        Err(_) => {
+            s.problem(
+                "listen",
+                format!("`metrics.listen` = {text:?} is not an address and port: use for example \"127.0.0.1:9187\""),
+            );
+            None
+        }
+    });
+    s.finish();
+    MetricsConfig { listen }
 }
 
 fn daemon(mut s: Section) -> DaemonConfig {

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Store, StoreError, timestamp};
 
-/// What one retention pass deleted.
+/// The counts of one retention pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Purged {
     pub files: u64,
@@ -30,6 +30,7 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+
         let items = sqlx::query(
             "DELETE FROM work_items
              WHERE file_id IN (SELECT id FROM input_files WHERE purged_at = ?1)",
@@ -38,6 +39,7 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+
         sqlx::query(
             "DELETE FROM batches WHERE state = 'harvested'
              AND NOT EXISTS (SELECT 1 FROM work_items w WHERE w.batch_id = batches.id)",
@@ -45,6 +47,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+
         let freed_pages = if items > 0 {
             self.incremental_vacuum().await?
         } else {
