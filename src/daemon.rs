@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::export::Exporter;
 use crate::ingest::{self, IngestError, Intake};
 use crate::models::Catalogue;
 use crate::pack::Packer;
@@ -111,6 +112,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
     let packed = Signal::new();
     let submitted = Signal::new();
     let flush = Signal::new();
+    let stored = Signal::new();
     let stages = TaskTracker::new();
     let calls = TaskTracker::new();
 
@@ -166,6 +168,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         provider.clone(),
         config.batch.clone(),
         work.clone(),
+        stored.clone(),
     );
     spawn_stage(
         &stages,
@@ -179,9 +182,24 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Daemon
         config.realtime.clone(),
         &config.batch,
         work.clone(),
+        stored.clone(),
         calls.clone(),
     );
     spawn_stage(&stages, "realtime", realtime.run(cancel.clone()));
+
+    let exporter = Exporter::new(store.clone(), config.paths.outbox.clone());
+    spawn_stage(
+        &stages,
+        "export",
+        exporter.run(stored.listen(), cancel.clone()),
+    );
+
+    let wake_on = [work.clone(), stored.clone()];
+    spawn_stage(
+        &stages,
+        "operator",
+        watch_operator_changes(store.clone(), wake_on, cancel.clone()),
+    );
 
     spawn_stage(
         &stages,
@@ -235,6 +253,33 @@ where
         }
         .instrument(tracing::info_span!("stage", name)),
     );
+}
+
+/// Wakes the stages when `batchd retry` or `batchd cancel` changed items. Those commands run in
+/// another process, so they cannot raise a signal here; they raise a counter in the database,
+/// which this stage reads every second.
+async fn watch_operator_changes(store: Store, wake: [Signal; 2], cancel: CancellationToken) {
+    let mut seen = None;
+    loop {
+        match store.operator_generation().await {
+            Ok(generation) => {
+                if seen.is_some_and(|seen| seen != generation) {
+                    tracing::debug!(generation, "operator changed items; waking the stages");
+                    for signal in &wake {
+                        signal.raise();
+                    }
+                }
+                seen = Some(generation);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the operator change counter failed; retrying")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Publishes queue depth and jobs in flight to systemd's STATUS every few seconds.

@@ -41,6 +41,8 @@ pub struct Realtime {
     permits: Arc<Semaphore>,
     /// Raised when items arrive or are requeued.
     work: Signal,
+    /// Raised after a call's outcome was stored, so the exporter looks for finished files.
+    stored: Signal,
     calls: TaskTracker,
 }
 
@@ -61,6 +63,7 @@ impl Realtime {
         config: RealtimeConfig,
         batch: &BatchConfig,
         work: Signal,
+        stored: Signal,
         calls: TaskTracker,
     ) -> Arc<Realtime> {
         let limiters = SUPPORTED_ENDPOINTS
@@ -82,6 +85,7 @@ impl Realtime {
             config,
             limiters,
             work,
+            stored,
             calls,
         })
     }
@@ -258,8 +262,11 @@ impl Realtime {
             }
             Err(error) => self.record_failure(items, &error, limiter).await,
         };
-        if let Err(error) = outcome {
-            tracing::error!(%error, "failed to record a real-time result; the lease will return the items to the queue");
+        match outcome {
+            Ok(()) => self.stored.raise(),
+            Err(error) => {
+                tracing::error!(%error, "failed to record a real-time result; the lease will return the items to the queue");
+            }
         }
     }
 

@@ -5,9 +5,11 @@
 //! (`2026-01-02T03:04:05.678Z`), so they sort as text and compare correctly in SQL.
 
 mod batches;
+mod exports;
 mod files;
 pub mod items;
 mod models;
+mod operator;
 mod scratch;
 
 use std::path::Path;
@@ -19,8 +21,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 pub(crate) use batches::mark_harvested;
 pub use batches::{BatchRow, BatchState, NewBatch};
+pub use exports::{ExportCandidate, ExportRow};
 pub use files::{FileIngest, FileProgress, FileRow, NewFile};
 pub use items::{Added, ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
+pub use operator::{Cancelled, EndpointRate, Scope};
 pub use scratch::SeenIds;
 
 #[derive(Debug, thiserror::Error)]
