@@ -256,8 +256,8 @@ where
 }
 
 /// Wakes the stages when `batchd retry` or `batchd cancel` changed items. Those commands run in
-/// another process, so they cannot raise a signal here; they raise a counter in the database,
-/// which this stage reads every second.
+/// another process and cannot raise a signal here. Instead they raise a counter in the
+/// database, which this stage reads every second.
 async fn watch_operator_changes(store: Store, wake: [Signal; 2], cancel: CancellationToken) {
     let mut seen = None;
     loop {

@@ -175,6 +175,7 @@ impl Exporter {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let temp = path.with_file_name(format!(".{file_name}.tmp"));
+
         let file = tokio::fs::File::create(&temp)
             .await
             .map_err(|e| ExportError::io("create", &temp, e))?;
@@ -193,6 +194,7 @@ impl Exporter {
             .await
             .map_err(|e| ExportError::io("sync", &temp, e))?;
         drop(out);
+
         crate::fault::point("before-export-rename");
         tokio::fs::rename(&temp, &path)
             .await
@@ -204,12 +206,13 @@ impl Exporter {
             .expect("syncing a directory does not panic")
             .map_err(|e| ExportError::io("sync", &self.outbox, e))?;
         crate::fault::point("after-export-rename");
+
         self.store.mark_exported(candidate.file_id).await?;
         Ok((path, lines))
     }
 
     /// Chooses a free export path and commits it for the file. The name comes from the file's
-    /// name in `processed/`, which is unique there; a suffix is added when the name is taken in
+    /// name in `processed/`, which is unique there. A suffix is added when the name is taken in
     /// the outbox or by another file's export, so no export is overwritten.
     async fn claim_path(&self, candidate: &ExportCandidate) -> Result<PathBuf, ExportError> {
         let base = base_name(candidate.stored_name.as_deref().unwrap_or(&candidate.name));

@@ -212,7 +212,6 @@ async fn run(command: Command) -> anyhow::Result<i32> {
                         print!("{}", done.render());
                     }
                 }
-                // clap requires one of the two.
                 (None, None) => unreachable!("clap requires --job or --file"),
             }
             Ok(0)
