@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
@@ -66,24 +67,51 @@ impl ExportError {
     }
 }
 
+/// One export line. Fields serialize in the order of the provider's output lines, and absent
+/// parts as `null`.
+#[derive(Debug, Serialize)]
+pub struct ExportLine<'a> {
+    pub custom_id: &'a str,
+    pub response: Option<ExportResponse>,
+    pub error: Option<ExportLineError<'a>>,
+}
+
+/// The HTTP answer of an item.
+#[derive(Debug, Serialize)]
+pub struct ExportResponse {
+    pub status_code: u16,
+    pub body: Value,
+}
+
+/// Why an item failed.
+#[derive(Debug, Serialize)]
+pub struct ExportLineError<'a> {
+    pub message: &'a str,
+    pub code: Option<&'a str>,
+}
+
 /// Builds the export line of one item, in the provider's batch output line format.
-pub fn export_line(row: &ExportRow) -> Value {
+pub fn export_line(row: &ExportRow) -> ExportLine<'_> {
     let body = row.response.as_deref().map(|text| {
         // Stored responses are JSON the provider sent; anything else is kept as a string.
         serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()))
     });
     let response = match (row.status_code, body) {
-        (Some(status_code), Some(body)) => json!({"status_code": status_code, "body": body}),
-        _ => Value::Null,
+        (Some(status_code), Some(body)) => Some(ExportResponse { status_code, body }),
+        _ => None,
     };
     let error = match row.state {
-        ItemState::Succeeded => Value::Null,
-        _ => json!({
-            "message": row.error.as_deref().unwrap_or("failed without a message"),
-            "code": Value::Null,
+        ItemState::Succeeded => None,
+        _ => Some(ExportLineError {
+            message: row.error.as_deref().unwrap_or("failed without a message"),
+            code: None,
         }),
     };
-    json!({"custom_id": row.custom_id, "response": response, "error": error})
+    ExportLine {
+        custom_id: &row.custom_id,
+        response,
+        error,
+    }
 }
 
 /// Writes the export lines of a file's finished items to `out`, in line order, and calls
@@ -105,7 +133,7 @@ pub async fn write_results<W: AsyncWrite + Unpin>(
             continue;
         }
         line.clear();
-        serde_json::to_writer(&mut line, &export_line(&row)).expect("JSON values serialize");
+        serde_json::to_writer(&mut line, &export_line(&row)).expect("export lines serialize");
         line.push(b'\n');
         out.write_all(&line).await.map_err(ExportError::Write)?;
         written += 1;
@@ -267,6 +295,21 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn line_of(row: &ExportRow) -> Value {
+        serde_json::to_value(export_line(row)).unwrap()
+    }
+
+    #[test]
+    fn line_fields_follow_provider_order() {
+        let row = row(ItemState::Succeeded, Some(200), Some("{}"), None);
+        let text = serde_json::to_string(&export_line(&row)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"custom_id":"q-1","response":{"status_code":200,"body":{}},"error":null}"#
+        );
+    }
 
     fn row(
         state: ItemState,
@@ -286,7 +329,7 @@ mod tests {
 
     #[test]
     fn succeeded_item_has_response_and_null_error() {
-        let line = export_line(&row(
+        let line = line_of(&row(
             ItemState::Succeeded,
             Some(200),
             Some(r#"{"id":"x"}"#),
@@ -300,7 +343,7 @@ mod tests {
 
     #[test]
     fn failed_item_without_answer_has_null_response() {
-        let line = export_line(&row(
+        let line = line_of(&row(
             ItemState::Failed,
             None,
             None,
@@ -314,7 +357,7 @@ mod tests {
 
     #[test]
     fn failed_item_keeps_its_http_answer() {
-        let line = export_line(&row(
+        let line = line_of(&row(
             ItemState::Failed,
             Some(400),
             Some(r#"{"error":"bad"}"#),
