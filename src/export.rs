@@ -76,14 +76,14 @@ pub struct ExportLine<'a> {
     pub error: Option<ExportLineError<'a>>,
 }
 
-/// The HTTP answer of an item.
+/// The HTTP response stored for an item.
 #[derive(Debug, Serialize)]
 pub struct ExportResponse {
     pub status_code: u16,
     pub body: Value,
 }
 
-/// Why an item failed.
+/// The reason an item failed.
 #[derive(Debug, Serialize)]
 pub struct ExportLineError<'a> {
     pub message: &'a str,
