@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::export::Exporter;
 use crate::ingest::{self, IngestError, Intake};
 use crate::logging::LogControl;
 use crate::models::Catalogue;
@@ -157,6 +158,7 @@ pub async fn run_with_reload(
     let packed = Signal::new();
     let submitted = Signal::new();
     let flush = Signal::new();
+    let stored = Signal::new();
     let stages = TaskTracker::new();
     let calls = TaskTracker::new();
     let watchdog = Watchdog::new();
@@ -219,6 +221,7 @@ pub async fn run_with_reload(
         provider.clone(),
         config.batch.clone(),
         work.clone(),
+        stored.clone(),
     );
     spawn_stage(
         &stages,
@@ -249,9 +252,26 @@ pub async fn run_with_reload(
         &config.batch,
         live,
         work.clone(),
+        stored.clone(),
         calls.clone(),
     );
     spawn_stage(&stages, &watchdog, "realtime", realtime.run(cancel.clone()));
+
+    let exporter = Exporter::new(store.clone(), config.paths.outbox.clone());
+    spawn_stage(
+        &stages,
+        &watchdog,
+        "export",
+        exporter.run(stored.listen(), cancel.clone()),
+    );
+
+    let wake_on = [work.clone(), stored.clone()];
+    spawn_stage(
+        &stages,
+        &watchdog,
+        "operator",
+        watch_operator_changes(store.clone(), wake_on, cancel.clone()),
+    );
 
     spawn_stage(
         &stages,
@@ -328,6 +348,34 @@ where
     });
     tracker.spawn(stage.instrument(tracing::info_span!("stage", name)));
 }
+
+/// Wakes the stages when `batchd retry` or `batchd cancel` changed items. Those commands run in
+/// another process and cannot raise a signal here. Instead they raise a counter in the
+/// database, which this stage reads every second.
+async fn watch_operator_changes(store: Store, wake: [Signal; 2], cancel: CancellationToken) {
+    let mut seen = None;
+    loop {
+        match store.operator_generation().await {
+            Ok(generation) => {
+                if seen.is_some_and(|seen| seen != generation) {
+                    tracing::debug!(generation, "operator changed items; waking the stages");
+                    for signal in &wake {
+                        signal.raise();
+                    }
+                }
+                seen = Some(generation);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the operator change counter failed; retrying")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 
 /// How often `STATUS=` is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(5);

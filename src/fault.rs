@@ -3,9 +3,10 @@
 //! feature; elsewhere [`point`] compiles to nothing.
 //!
 //! `BATCHD_FAULT_POINT=NAME` aborts the first time the point is reached, `NAME:N` the N-th time.
-//! The points are `after-upload`, `after-create`, `mid-results`, `mid-ingest` and
-//! `after-realtime-answer`. `BATCHD_FAULT_POINT=stall-submit` instead makes the submit stage
-//! hang, as on a call that never returns.
+//! The points are `after-upload`, `after-create`, `mid-results`, `mid-ingest`,
+//! `after-realtime-answer`, `before-export-rename` and `after-export-rename`.
+//! `BATCHD_FAULT_POINT=stall-submit` instead makes the submit stage hang, as on a call that
+//! never returns.
 
 /// Aborts the process here if `BATCHD_FAULT_POINT` names this point and its count is reached.
 #[cfg(feature = "failpoints")]

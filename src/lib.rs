@@ -12,6 +12,7 @@
 //! - [`poll`]: follow jobs to the end and download their output and error files.
 //! - [`realtime`]: send urgent and unbatchable items as rate-limited calls with retries.
 //! - [`results`]: write outcomes and their state changes in one transaction.
+//! - [`export`]: write each finished input file's results to the outbox, once.
 //! - [`daemon`]: run the stages as named tasks under one cancellation token.
 //!
 //! Beside them: [`provider`] is the Together HTTP client, [`models`] its model catalogue, [`simulate`] a local Together API
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod export;
 pub mod fault;
 pub mod ingest;
 pub mod logging;

@@ -35,11 +35,67 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Show items by state, batch jobs by status and progress per input file.
+    /// Show items by state, batch jobs in flight, real-time rates and progress per input file.
     Status {
         /// TOML config file (its `paths.database` is read).
         #[arg(long)]
         config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List ingested input files with their items counted and their exports.
+    Files {
+        /// TOML config file (its `paths.database` is read).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the results of one input file to stdout.
+    Results {
+        /// TOML config file (its `paths.database` is read).
+        #[arg(long)]
+        config: PathBuf,
+        /// Input file: the name it was dropped under, or the name it got in processed/.
+        #[arg(long, value_name = "NAME")]
+        file: String,
+        /// `jsonl` writes export lines of the finished items; `table` a row per item.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: batchd::cli::results::Format,
+    },
+    /// Move failed items back to the queue, so the daemon sends them again.
+    Retry {
+        /// TOML config file (its `paths.database` is read).
+        #[arg(long)]
+        config: PathBuf,
+        /// Retry the failed items of this input file.
+        #[arg(long, value_name = "NAME", conflicts_with = "all")]
+        file: Option<String>,
+        /// Retry every failed item.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a provider batch job, or the queued items of an input file.
+    Cancel {
+        /// TOML config file (its `paths.database` and `[provider]` are read).
+        #[arg(long)]
+        config: PathBuf,
+        /// The provider's id of a batch job to cancel; its unfinished items are requeued.
+        #[arg(
+            long,
+            value_name = "PROVIDER_BATCH_ID",
+            conflicts_with = "file",
+            required_unless_present = "file"
+        )]
+        job: Option<String>,
+        /// Fail the queued items of this input file with "cancelled by the operator".
+        #[arg(long, value_name = "NAME")]
+        file: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -104,6 +160,75 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Files { config, json } => {
+            let config = Config::load(&config)?;
+            let store = Store::open_existing(&config.paths.database).await?;
+            let files = batchd::cli::files::read(&store).await?;
+            if json {
+                print_json(&files)?;
+            } else {
+                print!("{}", batchd::cli::files::render(&files));
+            }
+            Ok(0)
+        }
+        Command::Results {
+            config,
+            file,
+            format,
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::open_existing(&config.paths.database).await?;
+            batchd::cli::results::run(&store, &config.paths.database, &file, format).await?;
+            Ok(0)
+        }
+        Command::Retry {
+            config,
+            file,
+            all,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::open_existing(&config.paths.database).await?;
+            let retried =
+                batchd::cli::retry::run(&store, &config.paths.database, file.as_deref(), all)
+                    .await?;
+            if json {
+                print_json(&retried)?;
+            } else {
+                print!("{}", retried.render());
+            }
+            Ok(0)
+        }
+        Command::Cancel {
+            config,
+            job,
+            file,
+            json,
+        } => {
+            let config = Config::load(&config)?;
+            let store = Store::open_existing(&config.paths.database).await?;
+            match (job, file) {
+                (Some(job), _) => {
+                    let done = batchd::cli::cancel::job(&store, &config, &job).await?;
+                    if json {
+                        print_json(&done)?;
+                    } else {
+                        print!("{}", done.render());
+                    }
+                }
+                (None, Some(file)) => {
+                    let done =
+                        batchd::cli::cancel::file(&store, &config.paths.database, &file).await?;
+                    if json {
+                        print_json(&done)?;
+                    } else {
+                        print!("{}", done.render());
+                    }
+                }
+                (None, None) => unreachable!("clap requires --job or --file"),
+            }
+            Ok(0)
+        }
         Command::Check {
             files,
             config,
@@ -121,6 +246,15 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             demo::run(args).await
         }
     }
+}
+
+/// Prints a value as indented JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("failed to encode JSON output")?
+    );
+    Ok(())
 }
 
 /// Runs `batchd check`: prints each file's report and returns 1 if any file has a bad line.

@@ -34,16 +34,25 @@ pub struct Poller {
     unknown_logged: HashSet<String>,
     /// Raised when a job was harvested: a place under the in-flight cap is free again.
     harvested: Signal,
+    /// Raised when results were stored, so the exporter looks for finished input files.
+    stored: Signal,
 }
 
 impl Poller {
-    pub fn new(store: Store, provider: Provider, config: BatchConfig, harvested: Signal) -> Self {
+    pub fn new(
+        store: Store,
+        provider: Provider,
+        config: BatchConfig,
+        harvested: Signal,
+        stored: Signal,
+    ) -> Self {
         Poller {
             store,
             provider,
             config,
             unknown_logged: HashSet::new(),
             harvested,
+            stored,
         }
     }
 
@@ -66,6 +75,7 @@ impl Poller {
         }
         if harvested > 0 {
             self.harvested.raise();
+            self.stored.raise();
         }
         Ok(harvested)
     }

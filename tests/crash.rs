@@ -170,3 +170,53 @@ async fn crash_after_realtime_answer() {
         daemon.log()
     );
 }
+
+/// Aborts the daemon at an export fault point and checks that the restart writes the export
+/// of the input file once, to the same path, with no temporary file left behind.
+async fn export_survives_crash(point: &str) {
+    let (daemon, _sim) = crash_and_recover(point).await;
+    let db = daemon.db().await;
+    let started = std::time::Instant::now();
+    loop {
+        let exported: Option<String> =
+            sqlx::query_scalar("SELECT exported_at FROM files WHERE input_file = 'work.jsonl'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        if exported.is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < common::PATIENCE,
+            "the file was not exported after the restart; log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut names: Vec<String> = std::fs::read_dir(daemon.path("outbox"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["work.results.jsonl"]);
+    let lines = read_jsonl(&daemon.path("outbox/work.results.jsonl"));
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|line| line["custom_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = read_jsonl(&daemon.path("processed/work.jsonl"))
+        .iter()
+        .map(|line| line["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_export_rename() {
+    export_survives_crash("before-export-rename").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_export_rename() {
+    export_survives_crash("after-export-rename").await;
+}

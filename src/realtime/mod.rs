@@ -43,6 +43,8 @@ pub struct Realtime {
     permits: Arc<Semaphore>,
     /// Raised when items arrive or are requeued.
     work: Signal,
+    /// Raised after a call's outcome was stored, so the exporter looks for finished files.
+    stored: Signal,
     calls: TaskTracker,
 }
 
@@ -54,6 +56,7 @@ impl Realtime {
         batch: &BatchConfig,
         live: LiveReceiver,
         work: Signal,
+        stored: Signal,
         calls: TaskTracker,
     ) -> Arc<Realtime> {
         let limiters = {
@@ -74,6 +77,7 @@ impl Realtime {
             limiters,
             live,
             work,
+            stored,
             calls,
         })
     }
@@ -260,8 +264,11 @@ impl Realtime {
             Err(error) => self.record_failure(items, &error, limiter).await,
         };
         crate::metrics::global().write_took(started.elapsed());
-        if let Err(error) = outcome {
-            tracing::error!(%error, "failed to record a real-time result; the lease will return the items to the queue");
+        match outcome {
+            Ok(()) => self.stored.raise(),
+            Err(error) => {
+                tracing::error!(%error, "failed to record a real-time result; the lease will return the items to the queue");
+            }
         }
     }
 

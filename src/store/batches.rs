@@ -165,6 +165,18 @@ impl Store {
         row.map(batch_row).transpose()
     }
 
+    /// Finds a batch by the id the provider gave its job.
+    pub async fn batch_by_provider_id(
+        &self,
+        provider_batch_id: &str,
+    ) -> Result<Option<BatchRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM batches WHERE provider_batch_id = ?1")
+            .bind(provider_batch_id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(batch_row).transpose()
+    }
+
     pub async fn batches_in_state(&self, state: BatchState) -> Result<Vec<BatchRow>, StoreError> {
         let rows = sqlx::query("SELECT * FROM batches WHERE state = ?1 ORDER BY id")
             .bind(state.as_str())

@@ -1,6 +1,7 @@
 //! Queries on `input_files`: one row per distinct file content, inserted together with the
 //! file's work items in one transaction.
 
+use chrono::{DateTime, Utc};
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::items::{Added, NewItem, insert_item};
@@ -26,17 +27,44 @@ pub struct FileRow {
     pub moved_to: Option<String>,
 }
 
-/// Per-file progress for `batchd status`.
+/// One input file with its items counted by state, for `batchd status` and `batchd files`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileProgress {
+    pub id: i64,
+    /// The name as dropped into the inbox.
     pub name: String,
+    /// The name the file got in `processed/` or `rejected/` (a suffix when the name was taken).
+    pub stored_name: Option<String>,
+    pub disposition: String,
     pub items: u64,
     pub queued: u64,
+    /// Items packed into a batch, submitted in a batch job or in a real-time call.
     pub in_progress: u64,
     pub succeeded: u64,
     pub failed: u64,
+    /// Bad lines reported at ingest; they never became items.
     pub errors: u64,
+    /// Items sent at least once that finished at or after the `since` time of the query.
+    pub finished_recently: u64,
     pub ingested_at: String,
+    pub exported_at: Option<String>,
+    pub export_path: Option<String>,
+}
+
+impl FileProgress {
+    /// Counts items not yet succeeded or failed.
+    pub fn pending(&self) -> u64 {
+        self.queued + self.in_progress
+    }
+
+    /// Returns the share of items that are finished, from 0 to 1 (1 for a file without items).
+    pub fn progress(&self) -> f64 {
+        if self.items == 0 {
+            1.0
+        } else {
+            (self.succeeded + self.failed) as f64 / self.items as f64
+        }
+    }
 }
 
 /// An open ingest transaction: the file row and its items become visible together on
@@ -77,6 +105,34 @@ impl FileIngest {
         self.tx.commit().await?;
         Ok(self.file_id)
     }
+}
+
+fn file_progress_row(row: sqlx::sqlite::SqliteRow) -> FileProgress {
+    let moved_to: Option<String> = row.get("moved_to");
+    FileProgress {
+        id: row.get("id"),
+        name: row.get("name"),
+        stored_name: moved_to.as_deref().map(file_name_of),
+        disposition: row.get("disposition"),
+        items: row.get::<i64, _>("items_total") as u64,
+        errors: row.get::<i64, _>("errors_total") as u64,
+        queued: row.get::<i64, _>("queued") as u64,
+        in_progress: row.get::<i64, _>("in_progress") as u64,
+        succeeded: row.get::<i64, _>("succeeded") as u64,
+        failed: row.get::<i64, _>("failed") as u64,
+        finished_recently: row.get::<i64, _>("finished_recently") as u64,
+        ingested_at: row.get("ingested_at"),
+        exported_at: row.get("exported_at"),
+        export_path: row.get("export_path"),
+    }
+}
+
+/// Returns the last component of a stored path.
+pub(crate) fn file_name_of(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
 }
 
 fn file_row(row: sqlx::sqlite::SqliteRow) -> FileRow {
@@ -135,30 +191,26 @@ impl Store {
     }
 
     /// Lists every input file with its items counted by state, newest first.
-    pub async fn file_progress(&self) -> Result<Vec<FileProgress>, StoreError> {
+    /// `finished_recently` counts items sent at least once that finished at or after `since`:
+    /// items failed at ingest or cancelled by the operator did no work and would inflate rates.
+    pub async fn file_progress(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<FileProgress>, StoreError> {
         let rows = sqlx::query(
-            "SELECT f.name, f.items_total, f.errors_total, f.ingested_at,
+            "SELECT f.id, f.name, f.moved_to, f.disposition, f.items_total, f.errors_total,
+                    f.ingested_at, f.exported_at, f.export_path,
                     COALESCE(SUM(w.state = 'queued'), 0) AS queued,
                     COALESCE(SUM(w.state IN ('packed', 'submitted', 'in_flight')), 0) AS in_progress,
                     COALESCE(SUM(w.state = 'succeeded'), 0) AS succeeded,
-                    COALESCE(SUM(w.state = 'failed'), 0) AS failed
+                    COALESCE(SUM(w.state = 'failed'), 0) AS failed,
+                    COALESCE(SUM(w.finished_at >= ?1 AND w.attempts > 0), 0) AS finished_recently
              FROM input_files f LEFT JOIN work_items w ON w.file_id = f.id
              GROUP BY f.id ORDER BY f.id DESC",
         )
+        .bind(timestamp(since))
         .fetch_all(self.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| FileProgress {
-                name: row.get("name"),
-                items: row.get::<i64, _>("items_total") as u64,
-                errors: row.get::<i64, _>("errors_total") as u64,
-                queued: row.get::<i64, _>("queued") as u64,
-                in_progress: row.get::<i64, _>("in_progress") as u64,
-                succeeded: row.get::<i64, _>("succeeded") as u64,
-                failed: row.get::<i64, _>("failed") as u64,
-                ingested_at: row.get("ingested_at"),
-            })
-            .collect())
+        Ok(rows.into_iter().map(file_progress_row).collect())
     }
 }

@@ -5,9 +5,11 @@
 //! (`2026-01-02T03:04:05.678Z`), so they sort as text and compare correctly in SQL.
 
 mod batches;
+mod exports;
 mod files;
 pub mod items;
 mod models;
+mod operator;
 mod retention;
 mod scratch;
 
@@ -22,8 +24,10 @@ use sqlx::sqlite::{
 
 pub(crate) use batches::mark_harvested;
 pub use batches::{BatchRow, BatchState, NewBatch};
+pub use exports::{ExportCandidate, ExportRow};
 pub use files::{FileIngest, FileProgress, FileRow, NewFile};
 pub use items::{Added, ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
+pub use operator::{Cancelled, EndpointRate, Scope};
 pub use retention::Purged;
 pub use scratch::SeenIds;
 

@@ -1,0 +1,114 @@
+//! Queries behind result exports: which input files are complete and not yet exported, the
+//! export path chosen for each, and their items streamed in line order.
+//!
+//! The path is committed before the file is written and `exported_at` after it was renamed
+//! into place, so a restart between the two writes the same path again.
+
+use futures::{Stream, StreamExt};
+use sqlx::Row;
+
+use super::files::file_name_of;
+use super::items::ItemState;
+use super::{Store, StoreError, timestamp};
+
+/// A processed input file whose items are all succeeded or failed and that has no export yet.
+#[derive(Debug, Clone)]
+pub struct ExportCandidate {
+    pub file_id: i64,
+    pub name: String,
+    /// The name the file got in `processed/`, which is unique there.
+    pub stored_name: Option<String>,
+    /// Set when an earlier export of this file was started or done.
+    pub export_path: Option<String>,
+}
+
+/// One item as the export writes it.
+#[derive(Debug, Clone)]
+pub struct ExportRow {
+    pub line_no: u64,
+    pub custom_id: String,
+    pub state: ItemState,
+    pub status_code: Option<u16>,
+    pub response: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Store {
+    /// Lists processed files that have items, none of them unfinished, and no completed export.
+    pub async fn files_to_export(&self) -> Result<Vec<ExportCandidate>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT f.id, f.name, f.moved_to, f.export_path FROM input_files f
+             WHERE f.disposition = 'processed' AND f.exported_at IS NULL AND f.items_total > 0
+               AND NOT EXISTS (SELECT 1 FROM work_items w
+                               WHERE w.file_id = f.id AND w.state NOT IN ('succeeded', 'failed'))
+             ORDER BY f.id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ExportCandidate {
+                file_id: row.get("id"),
+                name: row.get("name"),
+                stored_name: row
+                    .get::<Option<String>, _>("moved_to")
+                    .as_deref()
+                    .map(file_name_of),
+                export_path: row.get("export_path"),
+            })
+            .collect())
+    }
+
+    /// Records `path` as the export file of `file_id`. Returns false when another input file
+    /// already has that path, so the caller tries another name.
+    pub async fn claim_export_path(&self, file_id: i64, path: &str) -> Result<bool, StoreError> {
+        let claimed = sqlx::query(
+            "UPDATE input_files SET export_path = ?2 WHERE id = ?1 AND export_path IS NULL",
+        )
+        .bind(file_id)
+        .bind(path)
+        .execute(self.pool())
+        .await;
+        match claimed {
+            Ok(done) => Ok(done.rows_affected() == 1),
+            Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Records that the export of `file_id` is in place.
+    pub async fn mark_exported(&self, file_id: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE input_files SET exported_at = ?2 WHERE id = ?1")
+            .bind(file_id)
+            .bind(timestamp(chrono::Utc::now()))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Streams the items of one input file in input line order, without loading them all.
+    pub fn export_rows(
+        &self,
+        file_id: i64,
+    ) -> impl Stream<Item = Result<ExportRow, StoreError>> + Send + '_ {
+        sqlx::query(
+            "SELECT line_no, custom_id, state, status_code, response, error FROM work_items
+             WHERE file_id = ?1 ORDER BY line_no",
+        )
+        .bind(file_id)
+        .fetch(self.pool())
+        .map(|row| -> Result<ExportRow, StoreError> {
+            let row = row?;
+            Ok(ExportRow {
+                line_no: row.get::<i64, _>("line_no") as u64,
+                custom_id: row.get("custom_id"),
+                state: row.get::<String, _>("state").parse()?,
+                status_code: row
+                    .get::<Option<i64>, _>("status_code")
+                    .and_then(|code| u16::try_from(code).ok()),
+                response: row.get("response"),
+                error: row.get("error"),
+            })
+        })
+    }
+}
