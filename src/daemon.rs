@@ -376,7 +376,6 @@ async fn watch_operator_changes(store: Store, wake: [Signal; 2], cancel: Cancell
     }
 }
 
-
 /// How often `STATUS=` is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 

@@ -107,3 +107,62 @@ async fn scheduled_flush_sends_a_partial_batch() {
         .unwrap();
     assert_eq!(paths, ["batch"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_items_of_old_exports_and_keeps_the_file_row() {
+    let sim = Sim::start(SimConfig {
+        turnaround: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    // Retention runs every second and deletes exports older than about 0.9 s.
+    let daemon = Daemon::start(
+        &sim.base_url,
+        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n\n[schedules]\nretention = \"* * * * * *\"\nretention_days = 0.00001\n",
+    );
+    let lines = chat_lines("r", 30, false);
+    daemon.drop_file("old.jsonl", &lines);
+    let export = daemon.path("outbox/old.results.jsonl");
+    common::wait_for(|| export.exists(), "the export");
+
+    let db = daemon.db().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let purged: Option<String> =
+            sqlx::query_scalar("SELECT purged_at FROM files WHERE input_file = 'old.jsonl'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        if purged.is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "retention never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let items: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM work_items")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(items, 0, "the items are deleted");
+    assert_eq!(common::read_jsonl(&export).len(), 30, "the export stays");
+    let auto_vacuum: i64 = sqlx::query_scalar("PRAGMA auto_vacuum")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(auto_vacuum, 2, "new databases return freed pages");
+    assert!(
+        daemon
+            .log()
+            .contains("deleted the results of exported files past retention"),
+        "{}",
+        daemon.log()
+    );
+
+    // The file row stays, so the same content is still a duplicate.
+    daemon.drop_file("again.jsonl", &lines);
+    let report = daemon.path("processed/again.jsonl.report.json");
+    common::wait_for(|| report.exists(), "the second copy's report");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    assert_eq!(report["disposition"], "duplicate");
+}
