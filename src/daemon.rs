@@ -248,8 +248,7 @@ pub async fn run_with_reload(
     let realtime = Realtime::new(
         store.clone(),
         provider,
-        config.realtime.clone(),
-        &config.batch,
+        &config,
         live,
         work.clone(),
         stored.clone(),

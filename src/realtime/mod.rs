@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{BatchConfig, LiveReceiver, RealtimeConfig, SUPPORTED_ENDPOINTS};
+use crate::config::{Config, LiveReceiver, RealtimeConfig, SUPPORTED_ENDPOINTS};
 use crate::provider::wait::RetryPolicy;
 use crate::provider::{Answer, Failure, Provider, ProviderError};
 use crate::results::{self, AfterFailure};
@@ -49,11 +49,12 @@ pub struct Realtime {
 }
 
 impl Realtime {
+    /// Creates the workers' state from the `[realtime]` settings and the batch path's
+    /// batchable endpoints and deadline margin.
     pub fn new(
         store: Store,
         provider: Provider,
-        config: RealtimeConfig,
-        batch: &BatchConfig,
+        settings: &Config,
         live: LiveReceiver,
         work: Signal,
         stored: Signal,
@@ -66,6 +67,7 @@ impl Realtime {
                 .map(|&e| (e, Arc::new(EndpointLimiter::per_minute(rates.rate_for(e)))))
                 .collect()
         };
+        let (config, batch) = (settings.realtime.clone(), &settings.batch);
         Arc::new(Realtime {
             store,
             provider,
