@@ -345,7 +345,8 @@ where
         stage.await;
         tracing::debug!(stage = name, "stage stopped");
     });
-    tracker.spawn(stage.instrument(tracing::info_span!("stage", name)));
+    // The field is not called `name`: JSON logs would then carry two `name` keys in one span.
+    tracker.spawn(stage.instrument(tracing::info_span!("stage", stage = name)));
 }
 
 /// Wakes the stages when `batchd retry` or `batchd cancel` changed items. Those commands run in

@@ -178,8 +178,17 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         } => {
             let config = Config::load(&config)?;
             let store = Store::open_existing(&config.paths.database).await?;
-            batchd::cli::results::run(&store, &config.paths.database, &file, format).await?;
-            Ok(0)
+            let written = batchd::cli::results::run(&store, &config.paths.database, &file, format);
+            match written.await {
+                // A reader such as `head` that stops early closes the pipe: that is not an error.
+                Err(batchd::cli::CliError::Export(batchd::export::ExportError::Write(error)))
+                    if error.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    Ok(0)
+                }
+                Err(error) => Err(error.into()),
+                Ok(_) => Ok(0),
+            }
         }
         Command::Retry {
             config,

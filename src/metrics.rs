@@ -65,13 +65,27 @@ pub struct Metrics {
 /// Returns the process-wide counters.
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(|| Metrics {
-        realtime_requests: Family::default(),
-        realtime_rate_limited: Family::default(),
-        retries: Family::default(),
-        // 1 ms to about 30 minutes for a file; 0.1 ms to about 3 s for a write.
-        ingest_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 21)),
-        write_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+    METRICS.get_or_init(|| {
+        let metrics = Metrics {
+            realtime_requests: Family::default(),
+            realtime_rate_limited: Family::default(),
+            retries: Family::default(),
+            // 1 ms to about 30 minutes for a file; 0.1 ms to about 3 s for a write.
+            ingest_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 21)),
+            write_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+        };
+        // Every series exists from the start at 0, so a rate over it reads 0, not "no data".
+        for endpoint in crate::config::SUPPORTED_ENDPOINTS {
+            let label = EndpointLabel {
+                endpoint: endpoint.to_string(),
+            };
+            let _ = metrics.realtime_requests.get_or_create(&label);
+            let _ = metrics.realtime_rate_limited.get_or_create(&label);
+        }
+        for path in ["batch", "realtime"] {
+            let _ = metrics.retries.get_or_create(&PathLabel { path });
+        }
+        metrics
     })
 }
 

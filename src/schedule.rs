@@ -24,7 +24,7 @@ pub fn parse_cron(expression: &str) -> Result<Schedule, String> {
         6 => expression.to_string(),
         _ => {
             return Err(format!(
-                "{expression:?} has {fields} fields; write five (minute hour day month weekday), for example \"0 3 * * *\""
+                "{expression:?} has {fields} fields; write five (minute hour day month weekday), for example \"0 3 * * *\", or six with seconds first"
             ));
         }
     };

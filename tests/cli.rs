@@ -109,6 +109,9 @@ fn demo_runs_a_users_file_offline() {
     );
     assert!(stdout.contains("succeeded         5"), "{stdout}");
     assert!(workdir.join("batchd.db").exists());
+    let export = std::fs::read_to_string(workdir.join("outbox/mine.results.jsonl"))
+        .expect("the demo waits for the export");
+    assert_eq!(export.lines().count(), 5);
 }
 
 #[test]

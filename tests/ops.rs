@@ -65,6 +65,10 @@ async fn metrics_endpoint_counts_items_jobs_and_requests() {
         text.contains("# TYPE batchd_write_seconds histogram"),
         "{text}"
     );
+    assert!(
+        text.contains("batchd_realtime_rate_limited_total{endpoint=\"/v1/embeddings\"} 0"),
+        "series start at 0: {text}"
+    );
     assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
@@ -109,7 +113,7 @@ async fn scheduled_flush_sends_a_partial_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_deletes_items_of_old_exports_and_keeps_the_file_row() {
+async fn retention_purges_old_exported_items() {
     let sim = Sim::start(SimConfig {
         turnaround: Duration::from_millis(300),
         ..SimConfig::default()
@@ -156,6 +160,26 @@ async fn retention_deletes_items_of_old_exports_and_keeps_the_file_row() {
             .contains("deleted the results of exported files past retention"),
         "{}",
         daemon.log()
+    );
+
+    // The commands say where the results went instead of showing an empty file.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_batchd"))
+            .args(args)
+            .arg("--config")
+            .arg(&daemon.config_path)
+            .output()
+            .unwrap()
+    };
+    let results = cli(&["results", "--file", "old.jsonl"]);
+    assert_eq!(results.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&results.stderr);
+    assert!(stderr.contains("were deleted by retention at"), "{stderr}");
+    assert!(stderr.contains("old.results.jsonl"), "{stderr}");
+    let status = String::from_utf8_lossy(&cli(&["status"]).stdout).into_owned();
+    assert!(
+        status.contains("retention deleted the items at"),
+        "{status}"
     );
 
     // The file row stays, so the same content is still a duplicate.

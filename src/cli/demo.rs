@@ -242,7 +242,8 @@ fn read_reports(workdir: &Path) -> Vec<crate::ingest::Report> {
     reports
 }
 
-/// Polls the database until every dropped file is ingested and every item is terminal.
+/// Polls the database until every dropped file is ingested, every item is terminal and every
+/// processed file is exported.
 async fn wait_until_done(
     store: &Store,
     inbox: &Path,
@@ -256,7 +257,7 @@ async fn wait_until_done(
     loop {
         let status = Status::read(store).await?;
         let ingested = status.files.len() >= files || inbox_is_empty(inbox);
-        if ingested && status.unfinished() == 0 {
+        if ingested && status.unfinished() == 0 && store.count_unexported().await? == 0 {
             return Ok(status);
         }
         if daemon.is_finished() {

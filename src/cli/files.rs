@@ -56,7 +56,12 @@ pub fn render(files: &[FileStatus]) -> String {
             f.failed,
             status.pending,
             f.errors,
-            f.disposition,
+            // Retention deleted the items: the counts above are of what is left, none.
+            if f.purged_at.is_some() {
+                "purged"
+            } else {
+                f.disposition.as_str()
+            },
             f.ingested_at,
             f.exported_at.as_deref().unwrap_or("-"),
             f.stored_name.as_deref().unwrap_or("-"),

@@ -36,6 +36,14 @@ pub enum CliError {
         database: PathBuf,
         stored_names: Vec<String>,
     },
+    #[error(
+        "the items of {name:?} were deleted by retention at {purged_at}: its results are in the export {export_path}"
+    )]
+    Purged {
+        name: String,
+        purged_at: String,
+        export_path: String,
+    },
     #[error("no batch job {id:?} in {}: run `batchd status` to list the jobs in flight", database.display())]
     NoSuchJob { id: String, database: PathBuf },
     #[error("batch job {id} already finished ({status}): there is nothing to cancel")]

@@ -32,6 +32,13 @@ pub async fn run(
     format: Format,
 ) -> Result<u64, CliError> {
     let file = find_file(store, database, name).await?;
+    if let Some(purged_at) = file.purged_at {
+        return Err(CliError::Purged {
+            name: name.to_string(),
+            purged_at,
+            export_path: file.export_path.unwrap_or_else(|| "-".to_string()),
+        });
+    }
     let mut out = BufWriter::new(tokio::io::stdout());
     let show_progress = std::io::stderr().is_terminal();
     let progress = |written: u64| {

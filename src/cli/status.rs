@@ -193,6 +193,16 @@ impl Status {
         }
         for status in &self.files {
             let f = &status.file;
+            if let Some(purged_at) = &f.purged_at {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} items, finished and exported to {}; retention deleted the items at {purged_at}",
+                    f.name,
+                    f.items,
+                    f.export_path.as_deref().unwrap_or("-"),
+                );
+                continue;
+            }
             let done = f.succeeded + f.failed;
             let left = match status.eta_secs {
                 Some(0) => "finished".to_string(),
@@ -239,6 +249,7 @@ mod tests {
             ingested_at: ingested_at.into(),
             exported_at: None,
             export_path: None,
+            purged_at: None,
         }
     }
 

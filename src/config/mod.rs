@@ -204,7 +204,7 @@ impl Eq for Cron {}
 /// Housekeeping jobs; a job without a schedule does not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulesConfig {
-    /// Sends partial batches now, whatever `batch.max_linger_secs` says.
+    /// Sends partial batches at these times, before `batch.max_linger_secs` has passed.
     pub flush: Option<Cron>,
     /// Deletes the items of files exported more than `retention` ago.
     pub retention_run: Option<Cron>,
@@ -226,7 +226,7 @@ pub struct DaemonConfig {
     pub log_format: LogFormat,
 }
 
-/// How log lines are written to stderr.
+/// The format of log lines on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// One human-readable line per event.
@@ -374,7 +374,7 @@ impl LiveSettings {
 /// The receiving side of the live settings, as the stages hold it.
 pub type LiveReceiver = tokio::sync::watch::Receiver<std::sync::Arc<LiveSettings>>;
 
-/// Returns a receiver that always holds the settings of `config`, for stages run without a
+/// Returns a receiver that always contains the settings of `config`, for stages run without a
 /// reloading daemon (tests, single passes).
 pub fn fixed_live(config: &Config) -> LiveReceiver {
     let (sender, receiver) =

@@ -184,10 +184,11 @@ impl Provider {
         action: &'static str,
         builder: RequestBuilder,
     ) -> Result<Response, ProviderError> {
-        builder
-            .send()
-            .await
-            .map_err(|source| ProviderError::Transport { action, source })
+        let sent = builder.send().await;
+        // Each answered call is progress for the watchdog, so a stage making many calls in one
+        // pass is stuck only when a single call hangs; the request timeout bounds each call.
+        crate::watchdog::progress();
+        sent.map_err(|source| ProviderError::Transport { action, source })
     }
 
     /// Turns a non-success response into a classified error.

@@ -59,6 +59,17 @@ impl Store {
             .collect())
     }
 
+    /// Counts processed files with items whose export is not written yet.
+    pub async fn count_unexported(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM input_files
+             WHERE disposition = 'processed' AND exported_at IS NULL AND items_total > 0",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n as u64)
+    }
+
     /// Records `path` as the export file of `file_id`. Returns false when another input file
     /// already has that path, so the caller tries another name.
     pub async fn claim_export_path(&self, file_id: i64, path: &str) -> Result<bool, StoreError> {

@@ -49,6 +49,8 @@ pub struct FileProgress {
     pub ingested_at: String,
     pub exported_at: Option<String>,
     pub export_path: Option<String>,
+    /// When retention deleted the file's items; its export stays.
+    pub purged_at: Option<String>,
 }
 
 impl FileProgress {
@@ -57,9 +59,10 @@ impl FileProgress {
         self.queued + self.in_progress
     }
 
-    /// Returns the share of items that are finished, from 0 to 1 (1 for a file without items).
+    /// Returns the share of items that are finished, from 0 to 1 (1 for a file without items
+    /// or whose items retention deleted).
     pub fn progress(&self) -> f64 {
-        if self.items == 0 {
+        if self.items == 0 || self.purged_at.is_some() {
             1.0
         } else {
             (self.succeeded + self.failed) as f64 / self.items as f64
@@ -124,6 +127,7 @@ fn file_progress_row(row: sqlx::sqlite::SqliteRow) -> FileProgress {
         ingested_at: row.get("ingested_at"),
         exported_at: row.get("exported_at"),
         export_path: row.get("export_path"),
+        purged_at: row.get("purged_at"),
     }
 }
 
@@ -199,7 +203,7 @@ impl Store {
     ) -> Result<Vec<FileProgress>, StoreError> {
         let rows = sqlx::query(
             "SELECT f.id, f.name, f.moved_to, f.disposition, f.items_total, f.errors_total,
-                    f.ingested_at, f.exported_at, f.export_path,
+                    f.ingested_at, f.exported_at, f.export_path, f.purged_at,
                     COALESCE(SUM(w.state = 'queued'), 0) AS queued,
                     COALESCE(SUM(w.state IN ('packed', 'submitted', 'in_flight')), 0) AS in_progress,
                     COALESCE(SUM(w.state = 'succeeded'), 0) AS succeeded,

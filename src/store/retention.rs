@@ -15,9 +15,9 @@ pub struct Purged {
 }
 
 impl Store {
-    /// Deletes the items of every input file exported before `cutoff`, and the batch rows left
-    /// with no items. The file rows stay, marked `purged_at`, so the same content dropped again
-    /// is still recognised as a duplicate.
+    /// Deletes the items of every input file exported before `cutoff`. The file rows stay,
+    /// marked `purged_at`, so the same content dropped again is still recognised as a
+    /// duplicate, and the batch rows stay as the history of jobs.
     pub async fn purge_exported(&self, cutoff: DateTime<Utc>) -> Result<Purged, StoreError> {
         let now = timestamp(Utc::now());
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
@@ -40,12 +40,6 @@ impl Store {
         .await?
         .rows_affected();
 
-        sqlx::query(
-            "DELETE FROM batches WHERE state = 'harvested'
-             AND NOT EXISTS (SELECT 1 FROM work_items w WHERE w.batch_id = batches.id)",
-        )
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
 
         let freed_pages = if items > 0 {
