@@ -199,7 +199,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     println!("wall time: {:.1} s", started.elapsed().as_secs_f64());
     println!("database: {}", database.display());
     println!(
-        "try: sqlite3 {} \"SELECT custom_id, state, json_extract(response, '$.choices[0].message.content') FROM results WHERE endpoint = '/v1/chat/completions' LIMIT 3\"",
+        "try: sqlite3 {} \"SELECT custom_id, state, json_extract(response, '$.choices[0].message.content') FROM items WHERE endpoint = '/v1/chat/completions' LIMIT 3\"",
         database.display()
     );
     if lost > 0 {

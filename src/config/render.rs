@@ -177,13 +177,18 @@ pub fn to_table(c: &Config) -> Table {
     root
 }
 
-/// Returns every key of the config as `section.key` with its value written as TOML.
+/// Returns every key of the config as `section.key` with its value written as TOML, except
+/// that strings are unquoted, as log fields quote them already.
 pub fn flatten(c: &Config) -> Vec<(String, String)> {
     let mut keys = Vec::new();
     for (section, table) in to_table(c) {
         let Value::Table(table) = table else { continue };
         for (key, value) in table {
-            keys.push((format!("{section}.{key}"), value.to_string()));
+            let text = match value {
+                Value::String(text) => text,
+                other => other.to_string(),
+            };
+            keys.push((format!("{section}.{key}"), text));
         }
     }
     keys
