@@ -17,11 +17,11 @@ use crate::store::{ExportRow, Store};
 pub enum Format {
     /// One export line per finished item, as in the daemon's exports.
     Jsonl,
-    /// One row per item with its state and a short answer or error.
+    /// One row per item with its state and a short response or error.
     Table,
 }
 
-/// Longest answer or error text shown in a table row, in characters.
+/// Longest response or error text shown in a table row, in characters.
 const TABLE_TEXT_CHARS: usize = 60;
 
 /// Writes the results of input file `name` to stdout. Returns the number of rows written.
@@ -103,7 +103,7 @@ async fn write_table<W: AsyncWrite + Unpin>(
     Ok(written)
 }
 
-/// Returns a one-line summary of an item's result: the error of a failed item, the answer text
+/// Returns a one-line summary of an item's result: the error of a failed item, the response text
 /// of a chat or completion, the size of an embedding, or the start of another response.
 fn summary(row: &ExportRow) -> String {
     let text = if let Some(error) = &row.error {

@@ -185,7 +185,7 @@ impl Provider {
         builder: RequestBuilder,
     ) -> Result<Response, ProviderError> {
         let sent = builder.send().await;
-        // Each answered call is progress for the watchdog, so a stage making many calls in one
+        // Each completed call is progress for the watchdog, so a stage making many calls in one
         // pass is stuck only when a single call hangs; the request timeout bounds each call.
         crate::watchdog::progress();
         sent.map_err(|source| ProviderError::Transport { action, source })
