@@ -117,7 +117,7 @@ fn rejection(report: &Report, reject_file_on_error: bool) -> Option<String> {
 
 /// Checks the lines of one file in order, building its report and the items of its good lines.
 /// Repeated `custom_id`s are found by the caller, which keeps the ids on disk, and reported
-/// through [`LineChecker::repeated`].
+/// through [`LineChecker::stored`] or [`LineChecker::repeated`].
 pub struct LineChecker<'a> {
     path: &'a Path,
     urgent: bool,
@@ -145,8 +145,8 @@ impl<'a> LineChecker<'a> {
     }
 
     /// Checks one line. Returns the item of a good line, to be passed to
-    /// [`LineChecker::accepted`] or [`LineChecker::repeated`]; a bad one is recorded in the
-    /// report and logged. Blank lines are skipped.
+    /// [`LineChecker::stored`] once stored. A bad line is recorded in the report and logged.
+    /// Blank lines are skipped.
     pub fn check(&mut self, line: &Line<'_>) -> Option<NewItem> {
         if line.bytes.iter().all(u8::is_ascii_whitespace) && !line.too_long {
             return None;
@@ -191,6 +191,16 @@ impl<'a> LineChecker<'a> {
         }
     }
 
+    /// Counts items as stored or reports them as repeats, as the store returned them.
+    pub fn stored(&mut self, items: &[(NewItem, Added)]) {
+        for (item, added) in items {
+            match added {
+                Added::New => self.accepted(item),
+                Added::Repeat { first_line } => self.repeated(item, *first_line),
+            }
+        }
+    }
+
     /// Records an item whose `custom_id` an earlier line of the file already had.
     pub fn repeated(&mut self, item: &NewItem, first_line: u64) {
         let reason = format!(
@@ -215,7 +225,9 @@ impl<'a> LineChecker<'a> {
         }
     }
 
-    pub fn into_report(self) -> Report {
+    pub fn into_report(mut self) -> Report {
+        // Repeats are found when their group is inserted, after later lines were checked.
+        self.report.errors.sort_by_key(|error| error.line);
         self.report
     }
 }
@@ -227,7 +239,7 @@ struct InputLines<'p> {
     max_file_bytes: u64,
 }
 
-/// Why reading a file stopped before its end.
+/// The reason reading a file stopped before its end.
 enum Stop {
     /// The file must be rejected for this reason.
     Reject(String),
@@ -421,14 +433,14 @@ pub async fn ingest_file(
             Err(Stop::Failed(error)) => return Err(error),
         };
         if let Some(item) = checker.check(&line) {
-            match ingest.add(&item).await? {
-                Added::New => checker.accepted(&item),
-                Added::Repeat { first_line } => checker.repeated(&item, first_line),
-            }
+            let stored = ingest.add(item).await?;
+            checker.stored(&stored);
             crate::fault::point("mid-ingest");
             crate::watchdog::progress();
         }
     }
+    let stored = ingest.flush().await?;
+    checker.stored(&stored);
     let mut report = checker.into_report();
     if input.sha256().await? != sha256 {
         // The file changed while it was read: it was not complete after all.
@@ -515,4 +527,72 @@ pub async fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), IngestErr
     tokio::fs::rename(&tmp, path)
         .await
         .map_err(|e| IngestError::io("rename", &tmp, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: &str) -> String {
+        format!(r#"{{"custom_id": "{id}", "body": {{"model": "m", "input": "text {id}"}}}}"#)
+    }
+
+    #[tokio::test]
+    async fn repeats_are_found_within_and_across_insert_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PathsConfig {
+            inbox: dir.path().join("inbox"),
+            database: dir.path().join("batchd.db"),
+            processed: dir.path().join("processed"),
+            rejected: dir.path().join("rejected"),
+            outbox: dir.path().join("outbox"),
+        };
+        std::fs::create_dir_all(&paths.inbox).unwrap();
+        // Line 300 repeats line 5 from an earlier group; line 420 repeats line 410 of its own.
+        let lines: Vec<String> = (1..=450)
+            .map(|n| match n {
+                300 => line("id-5"),
+                420 => line("id-410"),
+                n => line(&format!("id-{n}")),
+            })
+            .collect();
+        let path = paths.inbox.join("many.jsonl");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let store = Store::open(&paths.database).await.unwrap();
+        let limits = FileLimits {
+            max_line_bytes: 1000,
+            max_file_bytes: 1 << 20,
+            reject_file_on_error: false,
+        };
+
+        let done = ingest_file(&store, &path, false, &paths, &limits, None)
+            .await
+            .unwrap();
+
+        let report = done.report;
+        assert_eq!(report.items, 448);
+        let errors: Vec<(u64, &str)> = report
+            .errors
+            .iter()
+            .map(|e| (e.line, e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                (
+                    300,
+                    "\"custom_id\" \"id-5\" repeats the one on line 5: ids must be unique within a file"
+                ),
+                (
+                    420,
+                    "\"custom_id\" \"id-410\" repeats the one on line 410: ids must be unique within a file"
+                ),
+            ]
+        );
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM work_items")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, 448);
+    }
 }

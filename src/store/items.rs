@@ -150,7 +150,7 @@ const REALTIME_ELIGIBLE: &str = "state = 'queued' AND next_attempt_at <= ?1
           OR endpoint NOT IN (SELECT value FROM json_each(?2))
           OR (deadline IS NOT NULL AND deadline < ?3))";
 
-/// What happened to an item offered for insertion.
+/// The outcome of an item offered for insertion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Added {
     New,
@@ -160,45 +160,70 @@ pub enum Added {
     },
 }
 
-pub(crate) async fn insert_item(
+/// Columns bound per item by [`insert_items`].
+const INSERT_COLUMNS: usize = 14;
+
+/// Inserts `items` of one file in one statement, skipping those whose `custom_id` the file
+/// already has. Returns what happened to each item, in order. Items repeating an earlier item of
+/// the same call are repeats too, because SQLite inserts the rows in order.
+pub(crate) async fn insert_items(
     conn: &mut SqliteConnection,
     file_id: i64,
-    item: &NewItem,
+    items: &[NewItem],
     now: &str,
-) -> Result<Added, StoreError> {
-    let inserted = sqlx::query(
+) -> Result<Vec<Added>, StoreError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let row = format!("({})", vec!["?"; INSERT_COLUMNS].join(", "));
+    let sql = format!(
         "INSERT INTO work_items
              (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
               next_attempt_at, created_at, updated_at, state, error, finished_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9,
-                 CASE WHEN ?10 IS NULL THEN 'queued' ELSE 'failed' END, ?10,
-                 CASE WHEN ?10 IS NULL THEN NULL ELSE ?9 END)
-         ON CONFLICT (file_id, custom_id) DO NOTHING",
-    )
-    .bind(file_id)
-    .bind(item.line_no as i64)
-    .bind(&item.custom_id)
-    .bind(&item.endpoint)
-    .bind(&item.model)
-    .bind(&item.body)
-    .bind(item.urgent)
-    .bind(item.deadline.map(timestamp))
-    .bind(now)
-    .bind(item.error.as_deref())
-    .execute(&mut *conn)
-    .await?;
-    if inserted.rows_affected() == 1 {
-        return Ok(Added::New);
-    }
-    let first: i64 =
-        sqlx::query_scalar("SELECT line_no FROM work_items WHERE file_id = ?1 AND custom_id = ?2")
+         VALUES {}
+         ON CONFLICT (file_id, custom_id) DO NOTHING
+         RETURNING line_no",
+        vec![row; items.len()].join(", ")
+    );
+    let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+    for item in items {
+        let failed = item.error.is_some();
+        query = query
             .bind(file_id)
+            .bind(item.line_no as i64)
             .bind(&item.custom_id)
-            .fetch_one(conn)
-            .await?;
-    Ok(Added::Repeat {
-        first_line: first as u64,
-    })
+            .bind(&item.endpoint)
+            .bind(&item.model)
+            .bind(&item.body)
+            .bind(item.urgent)
+            .bind(item.deadline.map(timestamp))
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(if failed { "failed" } else { "queued" })
+            .bind(item.error.as_deref())
+            .bind(failed.then_some(now));
+    }
+    let inserted: std::collections::HashSet<i64> =
+        query.fetch_all(&mut *conn).await?.into_iter().collect();
+    let mut added = Vec::with_capacity(items.len());
+    for item in items {
+        if inserted.contains(&(item.line_no as i64)) {
+            added.push(Added::New);
+            continue;
+        }
+        let first: i64 = sqlx::query_scalar(
+            "SELECT line_no FROM work_items WHERE file_id = ?1 AND custom_id = ?2",
+        )
+        .bind(file_id)
+        .bind(&item.custom_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        added.push(Added::Repeat {
+            first_line: first as u64,
+        });
+    }
+    Ok(added)
 }
 
 fn claimed(row: sqlx::sqlite::SqliteRow) -> ClaimedItem {
