@@ -142,6 +142,8 @@ pub struct ItemOutcome<'a> {
     pub model_used: Option<&'a str>,
 }
 
+const EMBEDDINGS: &str = "/v1/embeddings";
+
 /// The SQL condition for items the real-time path may take: queued, due, and urgent, not
 /// batchable (`?batchable` is a JSON array of endpoints) or due before the batch path could
 /// finish (`?cutoff`).
@@ -149,6 +151,40 @@ const REALTIME_ELIGIBLE: &str = "state = 'queued' AND next_attempt_at <= ?1
      AND (urgent = 1
           OR endpoint NOT IN (SELECT value FROM json_each(?2))
           OR (deadline IS NOT NULL AND deadline < ?3))";
+
+/// Returns SQL selecting the ids of items the real-time path may take from endpoint `?5`: at most
+/// `?6`, due by `?1`, most urgent first. These are urgent items, then the other items of an
+/// endpoint the batch path does not serve, or the items of one it serves whose deadline is before
+/// `?3`. Each branch reads an index in order and stops at the limit, so the real-time path does
+/// not scan a queue of a million batch items to find its few.
+fn realtime_candidates(endpoint_batchable: bool) -> String {
+    let rest = if endpoint_batchable {
+        "SELECT id, 0 AS urgent FROM work_items INDEXED BY work_items_deadlines
+         WHERE state = 'queued' AND endpoint = ?5 AND deadline IS NOT NULL AND deadline < ?3
+           AND urgent = 0 AND next_attempt_at <= ?1
+         ORDER BY deadline LIMIT ?6"
+    } else {
+        "SELECT id, 0 AS urgent FROM work_items INDEXED BY work_items_queue
+         WHERE state = 'queued' AND endpoint = ?5 AND urgent = 0 AND next_attempt_at <= ?1
+         ORDER BY id LIMIT ?6"
+    };
+    format!(
+        "SELECT id FROM (
+             SELECT * FROM (SELECT id, 1 AS urgent FROM work_items INDEXED BY work_items_queue
+                            WHERE state = 'queued' AND endpoint = ?5 AND urgent = 1
+                              AND next_attempt_at <= ?1
+                            ORDER BY id LIMIT ?6)
+             UNION ALL
+             SELECT * FROM ({rest}))
+         ORDER BY urgent DESC, id LIMIT ?6"
+    )
+}
+
+/// True when `endpoint` is in `batchable`, a JSON array of endpoints.
+fn is_batchable(batchable: &str, endpoint: &str) -> bool {
+    serde_json::from_str::<Vec<String>>(batchable)
+        .is_ok_and(|endpoints| endpoints.iter().any(|e| e == endpoint))
+}
 
 /// The outcome of an item offered for insertion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,10 +299,9 @@ impl Store {
         let now = timestamp(Utc::now());
         let sql = format!(
             "UPDATE work_items SET state = 'in_flight', lease_expires_at = ?4, updated_at = ?1
-             WHERE id IN (SELECT id FROM work_items
-                          WHERE {REALTIME_ELIGIBLE} AND endpoint = ?5
-                          ORDER BY urgent DESC, id LIMIT ?6)
-             RETURNING id, endpoint, model, body, attempts"
+             WHERE id IN ({})
+             RETURNING id, endpoint, model, body, attempts",
+            realtime_candidates(is_batchable(batchable, endpoint))
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&now)
@@ -299,14 +334,17 @@ impl Store {
         let first_sql = format!(
             "SELECT id, json_type(body, '$.input') = 'text' AS single,
                     model, json_remove(body, '$.input') AS params
-             FROM work_items
-             WHERE {REALTIME_ELIGIBLE} AND endpoint = '/v1/embeddings'
-             ORDER BY urgent DESC, id LIMIT 1"
+             FROM work_items WHERE id IN ({}) ORDER BY urgent DESC, id",
+            realtime_candidates(is_batchable(batchable, EMBEDDINGS))
         );
+        // Bound by number: `?2` and `?4` are not used by this query.
         let first = sqlx::query(sqlx::AssertSqlSafe(first_sql))
             .bind(&now)
             .bind(batchable)
             .bind(timestamp(cutoff))
+            .bind(timestamp(lease_until))
+            .bind(EMBEDDINGS)
+            .bind(1_i64)
             .fetch_optional(&mut *tx)
             .await?;
         let Some(first) = first else {
@@ -659,5 +697,56 @@ pub(crate) mod outcome {
         .await?
         .rows_affected();
         Ok((requeued, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns the details of SQLite's plan for the real-time candidate query.
+    async fn plan(store: &Store, endpoint_batchable: bool) -> Vec<String> {
+        let sql = format!(
+            "EXPLAIN QUERY PLAN {}",
+            realtime_candidates(endpoint_batchable)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind("2026-01-01T00:00:00.000Z")
+            .bind("[]")
+            .bind("2026-01-02T00:00:00.000Z")
+            .bind("2026-01-01T00:10:00.000Z")
+            .bind("/v1/chat/completions")
+            .bind(1_i64)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn realtime_candidates_search_indexes_without_scanning_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        for batchable in [true, false] {
+            let plan = plan(&store, batchable).await;
+            assert!(
+                plan.iter().all(|step| !step.starts_with("SCAN work_items")),
+                "{plan:#?}"
+            );
+            assert!(
+                plan.iter()
+                    .any(|step| step.starts_with("SEARCH work_items USING INDEX work_items_queue")),
+                "{plan:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn batchable_endpoints_are_read_from_json() {
+        let batchable = r#"["/v1/chat/completions"]"#;
+        assert!(is_batchable(batchable, "/v1/chat/completions"));
+        assert!(!is_batchable(batchable, "/v1/embeddings"));
     }
 }
