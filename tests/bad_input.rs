@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use batchd::simulate::SimConfig;
 use common::{Daemon, Sim};
 use serde_json::Value;
 
@@ -220,11 +219,7 @@ fn corpus() -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_file_gets_a_precise_report() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     let mut daemon = Daemon::start(
         &sim.base_url,
         "[ingest]\nsettle_secs = 0.2\nmax_line_bytes = 2000\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
@@ -308,11 +303,7 @@ async fn every_bad_file_gets_a_precise_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn folders_and_outside_links_are_reported_once() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     let daemon = Daemon::prepare(
         &sim.base_url,
         "[ingest]\nsettle_secs = 0.1\nrescan_interval_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
@@ -372,15 +363,8 @@ async fn folders_and_outside_links_are_reported_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_content_and_taken_names() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
-    let daemon = Daemon::start(
-        &sim.base_url,
-        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
-    );
+    let sim = Sim::fast().await;
+    let daemon = Daemon::start(&sim.base_url, common::FAST_PIPELINE);
     daemon.drop_file("first.jsonl", good("one").as_bytes());
     common::wait_for(
         || daemon.path("processed/first.jsonl.report.json").exists(),
@@ -431,11 +415,7 @@ async fn duplicate_content_and_taken_names() {
 async fn unreadable_file_is_reported_once_and_taken_when_readable() {
     use std::os::unix::fs::PermissionsExt;
 
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     let mut daemon = Daemon::prepare(
         &sim.base_url,
         "[ingest]\nsettle_secs = 0.1\nrescan_interval_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
@@ -496,11 +476,7 @@ fn gzip(text: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_files_are_decompressed_and_checked() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     let daemon = Daemon::start(
         &sim.base_url,
         "[ingest]\nsettle_secs = 0.1\nmax_file_bytes = 20000\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",

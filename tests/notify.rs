@@ -50,34 +50,15 @@ fn watchdog_env(socket: &str) -> [(&str, String); 2] {
     ]
 }
 
-fn good_lines(count: usize) -> Vec<u8> {
-    (0..count)
-        .map(|n| {
-            format!(
-                r#"{{"custom_id": "q{n}", "body": {{"model": "meta-llama/Llama-3.3-70B-Instruct-Turbo", "messages": [{{"role": "user", "content": "question {n}"}}]}}}}"#
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_and_stopping_arrive_in_order() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
-    let mut daemon = Daemon::prepare(
-        &sim.base_url,
-        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
-    );
+    let sim = Sim::fast().await;
+    let mut daemon = Daemon::prepare(&sim.base_url, common::FAST_PIPELINE);
     let (socket, heard) = listen(&daemon);
     let env = watchdog_env(&socket);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     daemon.spawn_with_env(&env);
-    daemon.drop_file("work.jsonl", &good_lines(30));
+    daemon.drop_file("work.jsonl", &common::chat_lines("q", 30, false));
 
     let db = daemon.db().await;
     daemon.wait_all_terminal(&db, 30).await;

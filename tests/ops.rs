@@ -7,20 +7,6 @@ use std::time::Duration;
 use batchd::simulate::SimConfig;
 use common::{Daemon, Sim};
 
-const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
-
-fn chat_lines(prefix: &str, count: usize, urgent: bool) -> Vec<u8> {
-    (0..count)
-        .map(|n| {
-            format!(
-                r#"{{"custom_id": "{prefix}{n}", "urgent": {urgent}, "body": {{"model": "{MODEL}", "messages": [{{"role": "user", "content": "question {n}"}}]}}}}"#
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes()
-}
-
 /// Returns a loopback port that was free a moment ago.
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -29,20 +15,17 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_counts_items_jobs_and_requests() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     let port = free_port();
     let daemon = Daemon::start(
         &sim.base_url,
         &format!(
-            "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+            "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            common::FAST_PIPELINE
         ),
     );
-    daemon.drop_file("batch.jsonl", &chat_lines("b", 5, false));
-    daemon.drop_file("urgent.jsonl", &chat_lines("u", 3, true));
+    daemon.drop_file("batch.jsonl", &common::chat_lines("b", 5, false));
+    daemon.drop_file("urgent.jsonl", &common::chat_lines("u", 3, true));
     let db = daemon.db().await;
     daemon.wait_all_terminal(&db, 8).await;
 
@@ -92,17 +75,13 @@ async fn taken_metrics_port_is_a_startup_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_flush_sends_a_partial_batch() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     // A partial batch would wait an hour; the schedule flushes every second instead.
     let daemon = Daemon::start(
         &sim.base_url,
         "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 3600\npoll_interval_secs = 0.1\n\n[schedules]\nflush = \"* * * * * *\"\n",
     );
-    daemon.drop_file("few.jsonl", &chat_lines("f", 4, false));
+    daemon.drop_file("few.jsonl", &common::chat_lines("f", 4, false));
     let db = daemon.db().await;
     daemon.wait_all_terminal(&db, 4).await;
     let paths: Vec<String> = sqlx::query_scalar("SELECT DISTINCT path FROM results")
@@ -114,17 +93,16 @@ async fn scheduled_flush_sends_a_partial_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_purges_old_exported_items() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = Sim::fast().await;
     // Retention runs every second and deletes exports older than about 0.9 s.
     let daemon = Daemon::start(
         &sim.base_url,
-        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n\n[schedules]\nretention = \"* * * * * *\"\nretention_days = 0.00001\n",
+        &format!(
+            "{}\n[schedules]\nretention = \"* * * * * *\"\nretention_days = 0.00001\n",
+            common::FAST_PIPELINE
+        ),
     );
-    let lines = chat_lines("r", 30, false);
+    let lines = common::chat_lines("r", 30, false);
     daemon.drop_file("old.jsonl", &lines);
     let export = daemon.path("outbox/old.results.jsonl");
     common::wait_for(|| export.exists(), "the export");

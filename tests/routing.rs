@@ -3,30 +3,19 @@
 
 mod common;
 
-use std::time::Duration;
-
-use batchd::simulate::SimConfig;
 use common::{Daemon, Sim};
-
-const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
 
 fn chat(id: &str, extra: &str) -> String {
     format!(
-        r#"{{"custom_id": "{id}", {extra}"body": {{"model": "{MODEL}", "messages": [{{"role": "user", "content": "question {id}"}}]}}}}"#
+        r#"{{"custom_id": "{id}", {extra}"body": {{"model": "{}", "messages": [{{"role": "user", "content": "question {id}"}}]}}}}"#,
+        common::CHAT_MODEL
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn urgent_and_near_deadline_items_go_realtime() {
-    let sim = Sim::start(SimConfig {
-        turnaround: Duration::from_millis(300),
-        ..SimConfig::default()
-    })
-    .await;
-    let daemon = Daemon::start(
-        &sim.base_url,
-        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n",
-    );
+    let sim = Sim::fast().await;
+    let daemon = Daemon::start(&sim.base_url, common::FAST_PIPELINE);
     let soon = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
     let later = (chrono::Utc::now() + chrono::Duration::days(10)).to_rfc3339();
     let lines = [

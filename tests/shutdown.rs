@@ -9,22 +9,9 @@ use std::time::{Duration, Instant};
 
 use batchd::simulate::SimConfig;
 use common::{Daemon, Sim};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-const MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
 const GRACE_SECS: u64 = 10;
-
-fn chat_lines(prefix: &str, count: usize, urgent: bool) -> Vec<u8> {
-    (0..count)
-        .map(|i| {
-            json!({"custom_id": format!("{prefix}-{i:05}"), "urgent": urgent, "body": {"model": MODEL,
-                "messages": [{"role": "user", "content": format!("{prefix} question {i}")}]}})
-            .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes()
-}
 
 /// Reads every datagram the daemon sent to the notify socket so far.
 fn notifications(socket: &UnixDatagram) -> Vec<String> {
@@ -55,7 +42,7 @@ async fn sigterm_drains_calls_and_loses_nothing() {
     socket.set_nonblocking(true).unwrap();
     daemon.spawn_with_env(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
 
-    daemon.drop_file("urgent.jsonl", &chat_lines("urgent", 3, true));
+    daemon.drop_file("urgent.jsonl", &common::chat_lines("urgent", 3, true));
     let log_url = sim.base_url.replace("/v1", "/_sim/requests");
     let started = Instant::now();
     loop {
@@ -73,7 +60,7 @@ async fn sigterm_drains_calls_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    daemon.drop_file("big.jsonl", &chat_lines("big", 5000, false));
+    daemon.drop_file("big.jsonl", &common::chat_lines("big", 5000, false));
     tokio::time::sleep(Duration::from_millis(250)).await;
 
     let signalled = Instant::now();

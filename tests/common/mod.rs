@@ -15,6 +15,30 @@ use tokio_util::sync::CancellationToken;
 /// Upper bound on any wait for the daemon; only a hung pipeline reaches it.
 pub const PATIENCE: Duration = Duration::from_secs(300);
 
+/// Config that takes files and sends partial batches within a fraction of a second.
+pub const FAST_PIPELINE: &str =
+    "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.3\npoll_interval_secs = 0.1\n";
+
+/// The chat model of the generated requests.
+pub const CHAT_MODEL: &str = "meta-llama/Llama-3.3-70B-Instruct-Turbo";
+
+/// Returns `count` chat request lines with ids `{prefix}-00000` and up.
+pub fn chat_lines(prefix: &str, count: usize, urgent: bool) -> Vec<u8> {
+    (0..count)
+        .map(|i| {
+            serde_json::json!({
+                "custom_id": format!("{prefix}-{i:05}"),
+                "urgent": urgent,
+                "body": {"model": CHAT_MODEL,
+                         "messages": [{"role": "user", "content": format!("{prefix} question {i}")}]}
+            })
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
@@ -27,6 +51,15 @@ pub struct Sim {
 }
 
 impl Sim {
+    /// Starts a simulator whose batch jobs finish after 300 ms.
+    pub async fn fast() -> Sim {
+        Sim::start(SimConfig {
+            turnaround: Duration::from_millis(300),
+            ..SimConfig::default()
+        })
+        .await
+    }
+
     pub async fn start(config: SimConfig) -> Sim {
         let simulator = Simulator::bind("127.0.0.1:0".parse().unwrap(), config)
             .await
