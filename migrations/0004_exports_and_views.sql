@@ -3,6 +3,9 @@
 -- `batchd retry` clears `exported_at` so that the file is exported again with the new results.
 ALTER TABLE input_files ADD COLUMN exported_at TEXT;
 ALTER TABLE input_files ADD COLUMN export_path TEXT;
+-- Retention deletes the items of old exported files and sets `purged_at`; the file row stays,
+-- so the same content dropped again is still recognised as a duplicate.
+ALTER TABLE input_files ADD COLUMN purged_at TEXT;
 -- Two input files never share an export file.
 CREATE UNIQUE INDEX input_files_by_export_path ON input_files (export_path);
 
@@ -74,7 +77,8 @@ SELECT f.id                AS file_id,
        END                 AS progress,
        f.ingested_at       AS ingested_at,
        f.exported_at       AS exported_at,
-       f.export_path       AS export_path
+       f.export_path       AS export_path,
+       f.purged_at         AS purged_at
 FROM input_files f
 LEFT JOIN work_items w ON w.file_id = f.id
 GROUP BY f.id;
