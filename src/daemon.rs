@@ -392,9 +392,9 @@ async fn report_status(store: Store, cancel: CancellationToken) {
             store.item_counts().await,
             store.count_unfinished_batches().await,
         ) {
+            let waiting = items[&ItemState::Queued] + items[&ItemState::Packed];
             let status = format!(
-                "queued {}, batch jobs in flight {batches}, real-time {per_minute} requests/min, {} calls in flight, succeeded {}, failed {}",
-                crate::metrics::waiting(&items),
+                "queued {waiting}, batch jobs in flight {batches}, real-time {per_minute} requests/min, {} calls in flight, succeeded {}, failed {}",
                 items[&ItemState::InFlight],
                 items[&ItemState::Succeeded],
                 items[&ItemState::Failed],
@@ -462,8 +462,8 @@ async fn reload_on_hangup(
     }
 }
 
-/// Cancels `cancel` on SIGTERM or SIGINT. With [`reload_on_hangup`], the daemon's signal
-/// handling.
+/// Cancels `cancel` on SIGTERM or SIGINT. Together with [`reload_on_hangup`], this is all of
+/// the daemon's signal handling.
 pub async fn cancel_on_signals(cancel: CancellationToken) {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

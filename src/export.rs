@@ -7,7 +7,7 @@
 //! {"custom_id": "q-2", "response": null, "error": {"message": "...", "code": null}}
 //! ```
 //!
-//! A failed item that got an HTTP answer (a 4xx, say) keeps it under `response` beside its
+//! A failed item that got an HTTP response (a 4xx, for example) keeps it under `response` beside its
 //! `error`. `code` is always null: batchd stores the provider's error code at the start of the
 //! message (`invalid_model: ...`), not apart from it.
 //!

@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ItemState, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -217,10 +217,4 @@ async fn scrape(axum::extract::State(store): axum::extract::State<Store>) -> imp
             )
         }
     }
-}
-
-/// Items waiting in the queue (queued or packed), for `STATUS=`.
-pub fn waiting(counts: &std::collections::BTreeMap<ItemState, u64>) -> u64 {
-    counts.get(&ItemState::Queued).copied().unwrap_or(0)
-        + counts.get(&ItemState::Packed).copied().unwrap_or(0)
 }

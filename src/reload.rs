@@ -2,8 +2,8 @@
 //! settings that can change live ([`LiveSettings`]). Every other changed key keeps its running
 //! value and is reported as needing a restart. An invalid config is rejected whole.
 //!
-//! NOTE: the environment of a running process never changes, so a `BATCHD_*` variable changes
-//! only with a restart; a reload re-reads it for the same result as at start.
+//! NOTE: the environment of a running process does not change, so a changed `BATCHD_*`
+//! variable takes effect only at a restart. A reload reads the same values as the start did.
 
 use std::path::PathBuf;
 use std::sync::Arc;

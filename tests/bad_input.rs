@@ -412,7 +412,7 @@ async fn duplicate_content_and_taken_names() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreadable_file_is_reported_once_and_taken_when_readable() {
+async fn unreadable_file_retried_until_readable() {
     use std::os::unix::fs::PermissionsExt;
 
     let sim = Sim::fast().await;

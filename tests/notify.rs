@@ -1,4 +1,4 @@
-//! The systemd notification protocol, heard on a datagram socket given as `NOTIFY_SOCKET`:
+//! The systemd notification protocol, received on a datagram socket given as `NOTIFY_SOCKET`:
 //! READY=1 once running, WATCHDOG=1 every half `WATCHDOG_USEC` while the stages make
 //! progress, STATUS= lines, and STOPPING=1 on SIGTERM.
 
@@ -8,21 +8,20 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use batchd::simulate::SimConfig;
 use common::{Daemon, Sim};
 
 /// The watchdog period the tests give the daemon; pings are due every half period.
 const PERIOD: Duration = Duration::from_millis(600);
 
-/// Messages heard on the socket, with the time each arrived.
-type Heard = Arc<Mutex<Vec<(Instant, String)>>>;
+/// Messages received on the socket, with the time each arrived.
+type Received = Arc<Mutex<Vec<(Instant, String)>>>;
 
 /// Binds a notify socket in the daemon's folder and records every datagram on a thread.
-fn listen(daemon: &Daemon) -> (String, Heard) {
+fn listen(daemon: &Daemon) -> (String, Received) {
     let path = daemon.path("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
-    let heard: Heard = Arc::default();
-    let sink = heard.clone();
+    let received: Received = Arc::default();
+    let sink = received.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = socket.recv(&mut buf) {
@@ -30,11 +29,11 @@ fn listen(daemon: &Daemon) -> (String, Heard) {
             sink.lock().unwrap().push((Instant::now(), text));
         }
     });
-    (path.display().to_string(), heard)
+    (path.display().to_string(), received)
 }
 
-fn pings(heard: &Heard) -> Vec<Instant> {
-    heard
+fn pings(received: &Received) -> Vec<Instant> {
+    received
         .lock()
         .unwrap()
         .iter()
@@ -54,7 +53,7 @@ fn watchdog_env(socket: &str) -> [(&str, String); 2] {
 async fn ready_watchdog_and_stopping_arrive_in_order() {
     let sim = Sim::fast().await;
     let mut daemon = Daemon::prepare(&sim.base_url, common::FAST_PIPELINE);
-    let (socket, heard) = listen(&daemon);
+    let (socket, received) = listen(&daemon);
     let env = watchdog_env(&socket);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     daemon.spawn_with_env(&env);
@@ -62,11 +61,11 @@ async fn ready_watchdog_and_stopping_arrive_in_order() {
 
     let db = daemon.db().await;
     daemon.wait_all_terminal(&db, 30).await;
-    common::wait_for(|| pings(&heard).len() >= 6, "six watchdog pings");
+    common::wait_for(|| pings(&received).len() >= 6, "six watchdog pings");
     assert!(daemon.stop().success());
     common::wait_for(
         || {
-            heard
+            received
                 .lock()
                 .unwrap()
                 .iter()
@@ -75,8 +74,8 @@ async fn ready_watchdog_and_stopping_arrive_in_order() {
         "STOPPING=1",
     );
 
-    let heard = heard.lock().unwrap().clone();
-    let kinds: Vec<&str> = heard
+    let received = received.lock().unwrap().clone();
+    let kinds: Vec<&str> = received
         .iter()
         .filter_map(|(_, text)| {
             ["READY=1", "WATCHDOG=1", "STOPPING=1"]
@@ -93,7 +92,7 @@ async fn ready_watchdog_and_stopping_arrive_in_order() {
 
     // Pings are never closer than half the period; most arrive within the period, which is
     // what systemd requires.
-    let times: Vec<Instant> = heard
+    let times: Vec<Instant> = received
         .iter()
         .filter(|(_, text)| text.contains("WATCHDOG=1"))
         .map(|(at, _)| *at)
@@ -106,7 +105,7 @@ async fn ready_watchdog_and_stopping_arrive_in_order() {
     );
     assert!(gaps[gaps.len() / 2] < PERIOD, "{gaps:?}");
 
-    let status = heard
+    let status = received
         .iter()
         .rev()
         .find(|(_, text)| text.starts_with("STATUS="))
@@ -120,9 +119,9 @@ async fn ready_watchdog_and_stopping_arrive_in_order() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_stage_stops_the_watchdog_pings() {
-    let sim = Sim::start(SimConfig::default()).await;
+    let sim = Sim::start(batchd::simulate::SimConfig::default()).await;
     let mut daemon = Daemon::prepare(&sim.base_url, "[ingest]\nsettle_secs = 0.1\n");
-    let (socket, heard) = listen(&daemon);
+    let (socket, received) = listen(&daemon);
     let mut env = watchdog_env(&socket).to_vec();
     env.push(("BATCHD_FAULT_POINT", "stall-submit".to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -134,7 +133,7 @@ async fn stuck_stage_stops_the_watchdog_pings() {
     );
     let log = daemon.log();
     assert!(log.contains("stage=\"submit\""), "{log}");
-    let before = pings(&heard).len();
+    let before = pings(&received).len();
     assert!(
         before >= 1,
         "pings were sent before the stage had been stuck for a period"
@@ -142,7 +141,7 @@ async fn stuck_stage_stops_the_watchdog_pings() {
     // Three periods without a ping is three times what systemd waits before acting.
     tokio::time::sleep(PERIOD * 3).await;
     assert_eq!(
-        pings(&heard).len(),
+        pings(&received).len(),
         before,
         "no ping while a stage is stuck"
     );

@@ -56,10 +56,10 @@ async fn metrics_endpoint_counts_items_jobs_and_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn taken_metrics_port_is_a_startup_error() {
+async fn occupied_metrics_port_fails_startup() {
     let sim = Sim::start(SimConfig::default()).await;
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
+    let occupied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = occupied.local_addr().unwrap().port();
     let mut daemon = Daemon::start(
         &sim.base_url,
         &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
@@ -140,7 +140,7 @@ async fn retention_purges_old_exported_items() {
         daemon.log()
     );
 
-    // The commands say where the results went instead of showing an empty file.
+    // The commands report where the results went instead of printing an empty file.
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_batchd"))
             .args(args)

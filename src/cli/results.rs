@@ -21,7 +21,7 @@ pub enum Format {
     Table,
 }
 
-/// Longest response or error text shown in a table row, in characters.
+/// Maximum length in characters of the response or error text in a table row.
 const TABLE_TEXT_CHARS: usize = 60;
 
 /// Writes the results of input file `name` to stdout. Returns the number of rows written.

@@ -591,10 +591,10 @@ mod tests {
             "{MINIMAL}\n[batch]\nmax_requests = 7\n[realtime]\nfallback_models = {{ \"a/b\" = \"a/c\" }}\n"
         );
         let config = Config::from_toml(&text, ApiKey::new(Some("sk-secret".into()))).unwrap();
-        let shown = config.to_toml();
-        assert!(shown.contains("api_key = \"<redacted>\""), "{shown}");
-        assert!(!shown.contains("sk-secret"), "{shown}");
-        let without_key: String = shown
+        let rendered = config.to_toml();
+        assert!(rendered.contains("api_key = \"<redacted>\""), "{rendered}");
+        assert!(!rendered.contains("sk-secret"), "{rendered}");
+        let without_key: String = rendered
             .lines()
             .filter(|l| !l.starts_with("api_key"))
             .map(|l| format!("{l}\n"))
@@ -606,9 +606,9 @@ mod tests {
     #[test]
     fn api_key_is_redacted_in_debug() {
         let config = Config::from_toml(MINIMAL, ApiKey::new(Some("sk-secret".into()))).unwrap();
-        let shown = format!("{config:?}");
-        assert!(!shown.contains("sk-secret"));
-        assert!(shown.contains("<redacted>"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("sk-secret"));
+        assert!(debug.contains("<redacted>"));
     }
 
     #[test]

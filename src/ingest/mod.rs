@@ -273,7 +273,7 @@ impl Intake {
                 self.seen.remove(&path);
             }
             Err(error) => {
-                // An unreadable file is tried at every scan; say so once, not at every scan.
+                // An unreadable file is tried at every scan, so the failure is logged only once.
                 if self.reported.insert(path.to_path_buf()) {
                     tracing::warn!(path = %path.display(), %error, "failed to ingest input file; retrying at each scan until it can be read");
                 } else {

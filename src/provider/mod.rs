@@ -185,8 +185,8 @@ impl Provider {
         builder: RequestBuilder,
     ) -> Result<Response, ProviderError> {
         let sent = builder.send().await;
-        // Each completed call is progress for the watchdog, so a stage making many calls in one
-        // pass is stuck only when a single call hangs; the request timeout bounds each call.
+        // Each completed call is progress for the watchdog, so a stage that makes many calls in
+        // one pass counts as stuck only when a single call hangs past the request timeout.
         crate::watchdog::progress();
         sent.map_err(|source| ProviderError::Transport { action, source })
     }

@@ -425,8 +425,8 @@ impl Store {
         batchable: &str,
         cutoff: DateTime<Utc>,
     ) -> Result<Vec<PackGroup>, StoreError> {
-        // TODO: this counts every queued item, about 1.5 s a pass with 1,000,000 queued; the
-        // packer only needs to know whether each group has a full batch and its oldest item.
+        // TODO: this counts every queued item, about 1.5 s a pass with 1,000,000 queued. The
+        // packer only needs to know whether each group has a full batch, and its oldest item.
         let rows = sqlx::query(
             "SELECT endpoint, model, COUNT(*) AS n, MIN(updated_at) AS oldest
              FROM work_items

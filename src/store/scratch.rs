@@ -14,7 +14,7 @@ pub struct SeenIds {
 
 impl SeenIds {
     pub async fn open() -> Result<SeenIds, StoreError> {
-        // An empty file name asks SQLite for a private temporary database on disk.
+        // With an empty file name, SQLite creates a private temporary database on disk.
         let mut conn = SqliteConnectOptions::new()
             .filename("")
             .connect()
