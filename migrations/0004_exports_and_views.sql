@@ -17,8 +17,9 @@ CREATE TABLE operator_changes (
 );
 INSERT INTO operator_changes (id, generation) VALUES (1, 0);
 
--- Recent finishes, for the rates and time estimates of `batchd status`.
-CREATE INDEX work_items_by_finished_at ON work_items (finished_at);
+-- Recent finishes, for the rates and time estimates of `batchd status`. Unfinished items have no
+-- entry, so ingest does not write to this index.
+CREATE INDEX work_items_by_finished_at ON work_items (finished_at) WHERE finished_at IS NOT NULL;
 
 -- The views below are the stable query surface: columns may be added, but none is renamed or
 -- removed. `path` is `batch`, `realtime`, or `none` for an item never sent.

@@ -21,7 +21,6 @@ pub struct Packer {
     config: BatchConfig,
     /// The request, byte and in-flight caps, which a reload can change between passes.
     live: LiveReceiver,
-    batchable: String,
     /// Raised after a batch was packed.
     packed: Signal,
 }
@@ -58,13 +57,10 @@ pub fn fit_batch(candidates: &[PackCandidate], max_bytes: u64) -> (Vec<i64>, u64
 
 impl Packer {
     pub fn new(store: Store, config: BatchConfig, live: LiveReceiver, packed: Signal) -> Self {
-        let batchable =
-            serde_json::to_string(&config.batchable_endpoints).expect("strings serialize");
         Packer {
             store,
             config,
             live,
-            batchable,
             packed,
         }
     }
@@ -81,7 +77,10 @@ impl Packer {
             if in_flight >= caps.max_in_flight {
                 return Ok(pass);
             }
-            let groups = self.store.pack_groups(&self.batchable, cutoff).await?;
+            let groups = self
+                .store
+                .pack_groups(&self.config.batchable_endpoints, cutoff, caps.max_requests)
+                .await?;
             let now = Utc::now();
             let linger = chrono::Duration::from_std(self.config.max_linger).unwrap_or_default();
             let due = groups.iter().find(|g| {

@@ -61,7 +61,13 @@ impl Poller {
         let mut harvested = 0;
         for batch in self.store.due_polls(Utc::now()).await? {
             match self.poll_batch(&batch).await {
-                Ok(true) => harvested += 1,
+                // Raised per job, not after the pass, so the packer fills the freed place
+                // while the other finished jobs are still being downloaded.
+                Ok(true) => {
+                    harvested += 1;
+                    self.harvested.raise();
+                    self.stored.raise();
+                }
                 Ok(false) => {}
                 Err(PollError::Store(error)) => return Err(error),
                 Err(PollError::Provider(error)) => {
@@ -72,10 +78,6 @@ impl Poller {
                         .await?;
                 }
             }
-        }
-        if harvested > 0 {
-            self.harvested.raise();
-            self.stored.raise();
         }
         Ok(harvested)
     }
