@@ -29,6 +29,12 @@ pub use limiter::EndpointLimiter;
 
 const EMBEDDINGS: &str = "/v1/embeddings";
 
+
+/// Waits between claims that found nothing, doubling from the first to the second while the
+/// endpoint stays idle. Stored items raise a wake-up; the timer only catches items whose retry
+/// backoff or deadline came due, so an idle daemon checks each endpoint every few seconds.
+const IDLE_WAIT_MIN: Duration = Duration::from_secs(1);
+const IDLE_WAIT_MAX: Duration = Duration::from_secs(8);
 /// Shared state of the real-time workers.
 pub struct Realtime {
     store: Store,
@@ -134,6 +140,7 @@ impl Realtime {
     async fn worker(self: Arc<Self>, endpoint: &'static str, cancel: CancellationToken) {
         let limiter = self.limiters[endpoint].clone();
         let mut work = self.work.listen();
+        let mut idle_wait = IDLE_WAIT_MIN;
         loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -160,11 +167,12 @@ impl Realtime {
                 drop(permit);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = work.wait() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = work.wait() => idle_wait = IDLE_WAIT_MIN,
+                    _ = tokio::time::sleep(idle_wait) => idle_wait = (idle_wait * 2).min(IDLE_WAIT_MAX),
                 }
                 continue;
             }
+            idle_wait = IDLE_WAIT_MIN;
             limiter.set_rate(self.live.borrow().rate_for(endpoint));
             tokio::select! {
                 _ = cancel.cancelled() => {
