@@ -32,8 +32,8 @@ use tokio::io::AsyncReadExt;
 
 const CHAT: &str = "/v1/chat/completions";
 
-/// Default latency of an accepted request, in milliseconds. NOTE: an estimate for short answers
-/// of a 70B chat model, not a measurement of Together's service.
+/// Default latency of an accepted request, in milliseconds. NOTE: an estimate for short
+/// responses of a 70B chat model, not a measurement of Together's service.
 const DEFAULT_MEDIAN_MS: u64 = 1000;
 const DEFAULT_P99_MS: u64 = 5000;
 
@@ -65,15 +65,19 @@ impl Settings {
     fn from_env() -> Settings {
         let median = env_number("BATCHD_BENCH_REALTIME_MEDIAN_MS", DEFAULT_MEDIAN_MS);
         let p99 = env_number("BATCHD_BENCH_REALTIME_P99_MS", DEFAULT_P99_MS);
+        let latency =
+            LogNormalLatency::new(Duration::from_millis(median), Duration::from_millis(p99))
+                .unwrap_or_else(|error| {
+                    panic!(
+                        "invalid BATCHD_BENCH_REALTIME_MEDIAN_MS or BATCHD_BENCH_REALTIME_P99_MS: \
+                     {error}"
+                    )
+                });
         Settings {
             window: Duration::from_secs(env_number("BATCHD_BENCH_REALTIME_SECS", 20)),
             warmup: Duration::from_secs(env_number("BATCHD_BENCH_REALTIME_WARMUP_SECS", 5)),
             limit: env_number("BATCHD_BENCH_REALTIME_LIMIT", 600) as u32,
-            latency: LogNormalLatency::new(
-                Duration::from_millis(median),
-                Duration::from_millis(p99),
-            )
-            .unwrap_or_else(|error| panic!("invalid benchmark latency: {error}")),
+            latency,
         }
     }
 

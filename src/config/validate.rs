@@ -187,7 +187,7 @@ fn realtime(mut s: Section) -> RealtimeConfig {
         embeddings_per_minute: s.count("embeddings_per_minute", 250, 1_000_000) as u32,
         images_per_minute: s.count("images_per_minute", 50, 1_000_000) as u32,
         // Calls in flight = rate x mean latency (Little's law), so the cap bounds the rate that
-        // slow answers reach: 128 keeps the default chat rate of 8.3 per second at its limit up
+        // slow responses reach: 128 keeps the default chat rate of 8.3 per second at its limit up
         // to a mean latency of about 15 s.
         max_concurrency: s.count("max_concurrency", 128, 1024) as usize,
         embedding_inputs_per_request: s.count("embedding_inputs_per_request", 20, 2048) as usize,

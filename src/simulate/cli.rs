@@ -28,7 +28,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
     pub turnaround: Duration,
 
-    /// Seed of the order of batch output lines.
+    /// Seed of the order of batch output lines, of injected faults and of real-time latencies.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
 
