@@ -5,7 +5,9 @@
 //! creates one in `target/sdk-venv`. Without it the test is skipped, except under CI (`CI` set),
 //! where a missing interpreter means the setup step is broken and the test fails.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
 use batchd::simulate::{SimConfig, Simulator};
@@ -24,33 +26,9 @@ async fn start(config: SimConfig, cancel: &CancellationToken) -> String {
     base_url
 }
 
-/// Returns the SDK's Python interpreter, or `None` when the test should be skipped.
-fn sdk_python() -> Option<PathBuf> {
-    let Some(python) = std::env::var_os("BATCHD_SDK_PYTHON") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "BATCHD_SDK_PYTHON is unset under CI; .ci/run must create the SDK's virtual \
-             environment and export BATCHD_SDK_PYTHON before running the tests"
-        );
-        eprintln!(
-            "skipped the SDK contract test: set BATCHD_SDK_PYTHON to a Python with \
-             together==3.1.1 installed, for example after `python3 -m venv target/sdk-venv && \
-             target/sdk-venv/bin/pip install together==3.1.1`"
-        );
-        return None;
-    };
-    let python = PathBuf::from(python);
-    // A relative path is taken from the repository root, where .ci/run runs.
-    Some(if python.is_absolute() {
-        python
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(python)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_accepts_simulator() {
-    let Some(python) = sdk_python() else {
+    let Some(python) = common::sdk_python("the SDK contract test") else {
         return;
     };
     let cancel = CancellationToken::new();

@@ -401,6 +401,7 @@ mod tests {
         assert_eq!(config.batch.max_requests, 100);
         assert_eq!(config.batch.max_in_flight, 10);
         assert_eq!(config.realtime.chat_per_minute, 500);
+        assert_eq!(config.realtime.max_concurrency, 128);
         assert_eq!(config.realtime.embeddings_per_minute, 250);
         assert_eq!(config.realtime.images_per_minute, 50);
         assert_eq!(config.realtime.embedding_inputs_per_request, 20);

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     DEFAULT_CHAT_PER_MINUTE, DEFAULT_COMPLETIONS_PER_MINUTE, DEFAULT_EMBEDDINGS_PER_MINUTE,
-    DEFAULT_IMAGES_PER_MINUTE, Faults, FaultsError, RateLimits, SimConfig, Simulator,
+    DEFAULT_IMAGES_PER_MINUTE, Faults, LogNormalLatency, RateLimits, SimConfig, SimulateError,
+    Simulator,
 };
 
 /// Options of `batchd simulate`.
@@ -27,7 +28,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
     pub turnaround: Duration,
 
-    /// Seed of the order of batch output lines.
+    /// Seed of the order of batch output lines, of injected faults and of real-time latencies.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub seed: u64,
 
@@ -51,6 +52,17 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub realtime_delay_ms: u64,
 
+    /// Median, in milliseconds, of a log-normal latency drawn for each accepted real-time
+    /// request and added to --realtime-delay-ms. Needs --realtime-latency-p99-ms, and --seed
+    /// seeds the draws.
+    #[arg(long, value_name = "MS", requires = "realtime_latency_p99_ms")]
+    pub realtime_latency_median_ms: Option<u64>,
+
+    /// 99th percentile, in milliseconds, of the log-normal real-time latency. It must be at
+    /// least the median, and needs --realtime-latency-median-ms.
+    #[arg(long, value_name = "MS", requires = "realtime_latency_median_ms")]
+    pub realtime_latency_p99_ms: Option<u64>,
+
     /// TOML file of faults to inject; its keys are the fields of `batchd::simulate::Faults`,
     /// such as `rate_limit_rate = 0.2`. Without it, no faults are injected.
     #[arg(long, value_name = "FILE")]
@@ -59,10 +71,20 @@ pub struct SimulateArgs {
 
 impl SimulateArgs {
     /// Builds the simulator's settings, reading the fault file if one was given.
-    pub fn config(&self) -> Result<SimConfig, FaultsError> {
+    pub fn config(&self) -> Result<SimConfig, SimulateError> {
         let faults = match &self.faults {
             Some(path) => Faults::load(path)?,
             None => Faults::default(),
+        };
+        let realtime_latency = match (
+            self.realtime_latency_median_ms,
+            self.realtime_latency_p99_ms,
+        ) {
+            (Some(median), Some(p99)) => Some(LogNormalLatency::new(
+                Duration::from_millis(median),
+                Duration::from_millis(p99),
+            )?),
+            _ => None,
         };
         Ok(SimConfig {
             turnaround: self.turnaround,
@@ -74,6 +96,7 @@ impl SimulateArgs {
                 images_per_minute: self.images_rpm,
             },
             realtime_delay: Duration::from_millis(self.realtime_delay_ms),
+            realtime_latency,
             faults,
         })
     }
@@ -111,6 +134,61 @@ mod tests {
     fn parse_seconds_accepts_fractions() {
         assert_eq!(parse_seconds("0.2"), Ok(Duration::from_millis(200)));
         assert_eq!(parse_seconds("3"), Ok(Duration::from_secs(3)));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<SimulateArgs, clap::Error> {
+        use clap::Parser;
+        let argv = std::iter::once("simulate").chain(flags.iter().copied());
+        Command::try_parse_from(argv).map(|command| command.args)
+    }
+
+    #[test]
+    fn latency_flags_set_the_distribution() {
+        let args = parse(&[
+            "--realtime-latency-median-ms",
+            "800",
+            "--realtime-latency-p99-ms",
+            "4000",
+        ])
+        .unwrap();
+        let latency = args.config().unwrap().realtime_latency.unwrap();
+        assert_eq!(latency.median(), Duration::from_millis(800));
+        assert_eq!(latency.p99(), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn latency_is_off_by_default() {
+        let config = parse(&[]).unwrap().config().unwrap();
+        assert_eq!(config.realtime_latency, None);
+        assert_eq!(config.realtime_delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn latency_median_alone_is_rejected() {
+        let error = parse(&["--realtime-latency-median-ms", "800"]).unwrap_err();
+        assert!(
+            error.to_string().contains("--realtime-latency-p99-ms"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn latency_p99_below_median_is_rejected() {
+        let args = parse(&[
+            "--realtime-latency-median-ms",
+            "800",
+            "--realtime-latency-p99-ms",
+            "100",
+        ])
+        .unwrap();
+        let error = args.config().unwrap_err();
+        assert!(error.to_string().contains("below the median"), "{error}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum SimulateError {
 
     #[error(transparent)]
     InvalidFaults(#[from] super::faults::FaultsError),
+
+    #[error(transparent)]
+    InvalidLatency(#[from] super::latency::LatencyError),
 }
 
 /// An error in the inference shape, used by every `/v1` route except the batch routes.

@@ -11,6 +11,7 @@
 //! [`SimConfig::faults`] injects the failures the real service shows: rate limits, overload,
 //! server errors, dropped connections, latency, failed, expired and stalled jobs, error lines and
 //! odd status spellings. Each decision is a deterministic function of the seed and the request.
+//! [`SimConfig::realtime_latency`] gives real-time responses a log-normal latency.
 //!
 //! Routes outside Together's API: `PUT /_sim/uploads/{file_id}` is the presigned upload URL of
 //! the two-step file upload, `GET /_sim/stats` returns [`SimStats`], and `GET /_sim/requests`
@@ -29,6 +30,7 @@ mod faults;
 mod files;
 mod ids;
 mod jobs;
+mod latency;
 mod limits;
 mod models;
 mod models_v2;
@@ -59,6 +61,7 @@ pub use faults::{
     DEFAULT_EXPIRE_COMPLETED_FRACTION, DEFAULT_JOB_DEADLINE_SECS, DEFAULT_RETRY_AFTER_SECS, Faults,
     FaultsError, RateLimitKind, RetryAfterStyle, StatusCase, Window,
 };
+pub use latency::{LatencyError, LogNormalLatency};
 pub use models::add_model;
 pub use request_log::RequestRecord;
 pub use stats::{SimStats, SimStatsHandle};
@@ -88,6 +91,9 @@ pub struct SimConfig {
     pub limits: RateLimits,
     /// Extra latency before each real-time response, so that tests can hold calls in flight.
     pub realtime_delay: Duration,
+    /// Latency distribution of accepted real-time requests, drawn per request on top of
+    /// `realtime_delay`; `None` adds nothing.
+    pub realtime_latency: Option<LogNormalLatency>,
     /// Faults to inject; the default injects none.
     pub faults: Faults,
 }
@@ -99,6 +105,7 @@ impl Default for SimConfig {
             seed: 0,
             limits: RateLimits::default(),
             realtime_delay: Duration::ZERO,
+            realtime_latency: None,
             faults: Faults::default(),
         }
     }
@@ -136,6 +143,8 @@ struct Shared {
     started: Instant,
     stats: SimStatsHandle,
     limiters: limits::Limiters,
+    /// Draws the latency of each accepted real-time request when a distribution is set.
+    latency: Option<latency::LatencySampler>,
     dice: dice::Dice,
     request_log: request_log::RequestLog,
     store: Mutex<Store>,
@@ -186,6 +195,9 @@ impl Simulator {
             started: Instant::now(),
             stats: SimStatsHandle::default(),
             limiters: limits::Limiters::new(&config.limits, config.faults.token_limit_per_minute),
+            latency: config
+                .realtime_latency
+                .map(|distribution| latency::LatencySampler::new(distribution, config.seed)),
             dice: dice::Dice::new(config.seed),
             request_log: request_log::RequestLog::default(),
             store: Mutex::new(Store::default()),

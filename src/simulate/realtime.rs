@@ -5,7 +5,8 @@
 //! [`super::Faults::retry_after`]. Every response carries `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset`
 //! (seconds), plus `x-tokenlimit-limit` and `x-tokenlimit-remaining` when a token limit is set.
 //! An accepted request may then get an injected fault ([`super::realtime_faults`]). It waits the
-//! configured real-time delay and any injected latency before its response is built.
+//! configured real-time delay, a latency drawn from the configured distribution, and any injected
+//! latency before its response is built.
 
 use std::sync::Arc;
 
@@ -97,6 +98,9 @@ async fn serve(
     let mut delay = plan.latency;
     if admission.accepted {
         delay += shared.config.realtime_delay;
+        if let Some(latency) = &shared.latency {
+            delay += latency.next();
+        }
     }
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

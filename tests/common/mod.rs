@@ -323,3 +323,29 @@ pub fn last_user_message(body: &serde_json::Value) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Returns the Python interpreter that has the official Together SDK, from `BATCHD_SDK_PYTHON`,
+/// or `None` when `skipped_test` (such as "the SDK contract test") should be skipped. Under CI
+/// (`CI` set) a missing interpreter means the setup step is broken, so it panics instead.
+pub fn sdk_python(skipped_test: &str) -> Option<PathBuf> {
+    let Some(python) = std::env::var_os("BATCHD_SDK_PYTHON") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BATCHD_SDK_PYTHON is unset under CI; .ci/run must create the SDK's virtual \
+             environment and export BATCHD_SDK_PYTHON before running the tests"
+        );
+        eprintln!(
+            "skipped {skipped_test}: set BATCHD_SDK_PYTHON to a Python with together==3.1.1 installed, \
+             for example after `python3 -m venv target/sdk-venv && \
+             target/sdk-venv/bin/pip install together==3.1.1`"
+        );
+        return None;
+    };
+    let python = PathBuf::from(python);
+    // A relative path is taken from the repository root, where .ci/run runs.
+    Some(if python.is_absolute() {
+        python
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(python)
+    })
+}
