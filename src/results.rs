@@ -2,13 +2,14 @@
 //! the state changes it causes in one transaction. Writes are guarded by the state they expect, so
 //! writing the same job's results twice changes nothing.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
 
 use crate::provider::{Answer, BatchJob, Failure, ProviderError, ResultLine};
 use crate::store::items::outcome;
-use crate::store::items::{ItemOutcome, Usage};
+use crate::store::items::{ItemOutcome, Success, Usage};
 use crate::store::{ItemState, Store, StoreError, mark_harvested, timestamp};
 
 /// Prefix of the `custom_id` batchd gives each line it uploads.
@@ -224,17 +225,30 @@ pub async fn harvest(
         tx.rollback().await?;
         return Ok(counts);
     }
+    let mut successes = Successes::default();
     for line in output.iter().chain(errors) {
         let Some(item_id) = item_id_of(&line.custom_id) else {
             counts.ignored += 1;
             continue;
         };
+        if !successes.seen.insert(item_id) {
+            // A second line for one item: the first one written wins.
+            counts.ignored += 1;
+            continue;
+        }
+        if let Some(success) = success_of(item_id, line) {
+            successes.pending.push(success);
+            continue;
+        }
+        // Written in line order, so successes held back go first.
+        successes.write(&mut tx, batch_id, &now, &mut counts).await?;
         let written = write_line(&mut tx, batch_id, item_id, line, &now, &mut counts).await?;
         crate::fault::point("mid-results");
         if !written {
             counts.ignored += 1;
         }
     }
+    successes.write(&mut tx, batch_id, &now, &mut counts).await?;
     let reason = match &job.error {
         Some(error) => format!(
             "batch job {} ended {} without a result for this item: {error}",
@@ -280,6 +294,50 @@ pub async fn harvest(
     Ok(counts)
 }
 
+/// The successful lines of a harvest not yet written, and every item id met so far.
+#[derive(Default)]
+struct Successes {
+    pending: Vec<Success>,
+    seen: HashSet<i64>,
+}
+
+impl Successes {
+    /// Writes the pending successes in one statement and counts those written.
+    async fn write(
+        &mut self,
+        conn: &mut sqlx::SqliteConnection,
+        batch_id: i64,
+        now: &str,
+        counts: &mut Harvest,
+    ) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let written =
+            outcome::finish_submitted_successes(conn, batch_id, &self.pending, now).await?;
+        crate::fault::point("mid-results");
+        counts.succeeded += written;
+        counts.ignored += self.pending.len() as u64 - written;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// Returns the line as a success when it carries a 2xx response and no error.
+fn success_of(item_id: i64, line: &ResultLine) -> Option<Success> {
+    let response = line.response.as_ref()?;
+    if line.error_message().is_some() || !(200..300).contains(&response.status_code) {
+        return None;
+    }
+    Some(Success {
+        item_id,
+        status_code: response.status_code,
+        response: response.body.to_string(),
+        usage: Usage::from_body(&response.body),
+    })
+}
+
+/// Writes one line that is not a success: a failed or retryable response, or an error line.
 async fn write_line(
     conn: &mut sqlx::SqliteConnection,
     batch_id: i64,
@@ -295,24 +353,6 @@ async fn write_line(
     {
         let body = response.body.to_string();
         let status = response.status_code;
-        if (200..300).contains(&status) {
-            counts.succeeded += 1;
-            return outcome::finish_submitted(
-                conn,
-                batch_id,
-                item_id,
-                &ItemOutcome {
-                    state: ItemState::Succeeded,
-                    status_code: Some(status),
-                    response: Some(&body),
-                    error: None,
-                    usage: Usage::from_body(&response.body),
-                    model_used: None,
-                },
-                now,
-            )
-            .await;
-        }
         let message = format!("provider returned HTTP {status}: {body}");
         if status == 429 || status == 408 || status >= 500 {
             counts.requeued += 1;

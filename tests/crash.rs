@@ -150,7 +150,7 @@ async fn crash_after_create_before_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_results() {
-    crash_and_recover("mid-results:5").await;
+    crash_and_recover("mid-results").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

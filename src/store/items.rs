@@ -110,6 +110,16 @@ pub struct PackGroup {
     pub oldest: DateTime<Utc>,
 }
 
+/// A successful result line of a batch job, for [`outcome::finish_submitted_successes`].
+#[derive(Debug, Clone)]
+pub struct Success {
+    pub item_id: i64,
+    pub status_code: u16,
+    /// The response body as JSON text.
+    pub response: String,
+    pub usage: Usage,
+}
+
 /// Token usage reported with a response.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
@@ -630,6 +640,53 @@ pub(crate) mod outcome {
         .execute(conn)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks the submitted items of `batch_id` in `successes` succeeded, in one statement: the
+    /// results of a job arrive together, and one statement per item would spend far more on
+    /// hand-offs to the database thread than on the writes. Returns how many were written; an
+    /// item no longer submitted (cancelled, say) is left as it is.
+    pub async fn finish_submitted_successes(
+        conn: &mut SqliteConnection,
+        batch_id: i64,
+        successes: &[Success],
+        now: &str,
+    ) -> Result<u64, StoreError> {
+        if successes.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<_> = successes
+            .iter()
+            .map(|s| {
+                serde_json::json!([
+                    s.item_id,
+                    s.status_code,
+                    s.response,
+                    s.usage.prompt_tokens,
+                    s.usage.completion_tokens,
+                    s.usage.total_tokens,
+                ])
+            })
+            .collect();
+        let done = sqlx::query(
+            "UPDATE work_items
+             SET state = 'succeeded', status_code = r.status_code, response = r.response,
+                 error = NULL, prompt_tokens = r.prompt_tokens,
+                 completion_tokens = r.completion_tokens, total_tokens = r.total_tokens,
+                 attempts = attempts + 1, finished_at = ?2, updated_at = ?2
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS status_code, value ->> 2 AS response,
+                          value ->> 3 AS prompt_tokens, value ->> 4 AS completion_tokens,
+                          value ->> 5 AS total_tokens
+                   FROM json_each(?3)) AS r
+             WHERE work_items.id = r.id AND work_items.batch_id = ?1
+               AND work_items.state = 'submitted'",
+        )
+        .bind(batch_id)
+        .bind(now)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Requeues one submitted item of `batch_id` after a retryable per-line error.
