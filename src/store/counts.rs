@@ -101,6 +101,39 @@ mod tests {
         assert_eq!(negative, 0, "negative counts after {step}");
     }
 
+    /// Checks the per-state columns and `progress` of the `files` view against `work_items`.
+    async fn assert_files_view_exact(store: &Store) {
+        let real = real_counts(store).await;
+        let rows = sqlx::query("SELECT * FROM files")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        for row in rows {
+            let file: i64 = row.get("file_id");
+            let count = |state: ItemState| {
+                real.get(&(file, state.as_str().to_string()))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            for state in ItemState::ALL {
+                let in_view: i64 = row.get(state.as_str());
+                assert_eq!(in_view, count(state), "files view, file {file}, {state}");
+            }
+            let items: i64 = ItemState::ALL.into_iter().map(count).sum();
+            let finished = count(ItemState::Succeeded) + count(ItemState::Failed);
+            let expected = if items == 0 {
+                1.0
+            } else {
+                finished as f64 / items as f64
+            };
+            let progress: f64 = row.get("progress");
+            assert!(
+                (progress - expected).abs() < 1e-9,
+                "files view, file {file}, progress"
+            );
+        }
+    }
+
     /// Builds a chat or embedding item on `line_no`, stored failed at ingest when `failed` is set.
     fn item(line_no: u64, custom_id: &str, endpoint: &str, failed: bool) -> NewItem {
         let body = if endpoint == EMBEDDINGS {
@@ -354,6 +387,7 @@ mod tests {
         let cancelled = store.cancel_queued(chat, "cancelled").await.unwrap();
         assert_eq!(cancelled.left_running, 3);
         assert_exact(&store, "cancel").await;
+        assert_files_view_exact(&store).await;
         submit(&store, running).await;
         assert_exact(&store, "submit after cancel").await;
 
@@ -371,6 +405,7 @@ mod tests {
                 .keys()
                 .all(|(file, _)| *file == chat)
         );
+        assert_files_view_exact(&store).await;
     }
 
     #[tokio::test]
@@ -416,7 +451,7 @@ mod tests {
         assert_eq!(kept_counts(&store).await, expected);
     }
 
-    /// One step of the property test; each applies to whatever items are in a fitting state.
+    /// One step of the property test. Each step applies to whatever items are in a fitting state.
     #[derive(Debug, Clone)]
     enum Op {
         Ingest {

@@ -266,6 +266,8 @@ impl Store {
 
 /// Counts per file the items sent at least once that finished at or after `since`. The
 /// `finished_at` index limits the read to those items, however many the table holds.
+/// NOTE: the read still grows with the items finished in the window. With 100,000 of them it
+/// took about 35 ms (release build, 2-core development VM).
 async fn finished_since(
     conn: &mut SqliteConnection,
     since: DateTime<Utc>,
