@@ -241,14 +241,18 @@ pub async fn harvest(
             continue;
         }
         // Written in line order, so successes held back go first.
-        successes.write(&mut tx, batch_id, &now, &mut counts).await?;
+        successes
+            .write(&mut tx, batch_id, &now, &mut counts)
+            .await?;
         let written = write_line(&mut tx, batch_id, item_id, line, &now, &mut counts).await?;
         crate::fault::point("mid-results");
         if !written {
             counts.ignored += 1;
         }
     }
-    successes.write(&mut tx, batch_id, &now, &mut counts).await?;
+    successes
+        .write(&mut tx, batch_id, &now, &mut counts)
+        .await?;
     let reason = match &job.error {
         Some(error) => format!(
             "batch job {} ended {} without a result for this item: {error}",

@@ -138,23 +138,24 @@ impl Intake {
     /// Starts watching the inbox. Events only wake the scanner through the returned channel.
     pub fn watch(&self) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), IngestError> {
         let (tx, rx) = mpsc::channel(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Each scan opens the inbox, which inotify reports as an access; waking on those
-            // would make the scanner wake itself every few milliseconds while idle. A file
-            // closed after writing is the one access that matters.
-            let written = notify::event::AccessKind::Close(notify::event::AccessMode::Write);
-            if event.is_ok_and(|event| {
-                event.kind.is_access() && event.kind != notify::EventKind::Access(written)
-            }) {
-                return;
-            }
-            // A full channel already contains a wake-up, so dropping this one loses nothing.
-            let _ = tx.try_send(());
-        })
-        .map_err(|source| IngestError::Watch {
-            path: self.paths.inbox.clone(),
-            source,
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Each scan opens the inbox, which inotify reports as an access; waking on those
+                // would make the scanner wake itself every few milliseconds while idle. A file
+                // closed after writing is the one access that matters.
+                let written = notify::event::AccessKind::Close(notify::event::AccessMode::Write);
+                if event.is_ok_and(|event| {
+                    event.kind.is_access() && event.kind != notify::EventKind::Access(written)
+                }) {
+                    return;
+                }
+                // A full channel already contains a wake-up, so dropping this one loses nothing.
+                let _ = tx.try_send(());
+            })
+            .map_err(|source| IngestError::Watch {
+                path: self.paths.inbox.clone(),
+                source,
+            })?;
         for dir in [self.paths.inbox.clone(), self.paths.inbox.join(URGENT_DIR)] {
             watcher
                 .watch(&dir, notify::RecursiveMode::NonRecursive)

@@ -29,7 +29,6 @@ pub use limiter::EndpointLimiter;
 
 const EMBEDDINGS: &str = "/v1/embeddings";
 
-
 /// Waits between claims that found nothing, doubling from the first to the second while the
 /// endpoint stays idle. Stored items raise a wake-up; the timer only catches items whose retry
 /// backoff or deadline came due, so an idle daemon checks each endpoint every few seconds.

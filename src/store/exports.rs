@@ -35,12 +35,14 @@ pub struct ExportRow {
 
 impl Store {
     /// Lists processed files that have items, none of them unfinished, and no completed export.
+    /// Reads the counts in `item_counts`, because a file's items can number millions.
     pub async fn files_to_export(&self) -> Result<Vec<ExportCandidate>, StoreError> {
         let rows = sqlx::query(
             "SELECT f.id, f.name, f.moved_to, f.export_path FROM input_files f
              WHERE f.disposition = 'processed' AND f.exported_at IS NULL AND f.items_total > 0
-               AND NOT EXISTS (SELECT 1 FROM work_items w
-                               WHERE w.file_id = f.id AND w.state NOT IN ('succeeded', 'failed'))
+               AND NOT EXISTS (SELECT 1 FROM item_counts c
+                               WHERE c.file_id = f.id AND c.n > 0
+                                 AND c.state NOT IN ('succeeded', 'failed'))
              ORDER BY f.id",
         )
         .fetch_all(self.pool())

@@ -1,8 +1,10 @@
 //! Queries on `input_files`: one row per distinct file content, inserted together with the
 //! file's work items in one transaction.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 
 use super::items::{Added, NewItem, insert_items};
 use super::{Store, StoreError, timestamp};
@@ -136,10 +138,15 @@ impl FileIngest {
     }
 }
 
-fn file_progress_row(row: sqlx::sqlite::SqliteRow) -> FileProgress {
+/// Builds a file's progress from its row and the per-file counts of [`finished_since`].
+fn file_progress_row(
+    row: sqlx::sqlite::SqliteRow,
+    finished_recently: &HashMap<i64, u64>,
+) -> FileProgress {
+    let id: i64 = row.get("id");
     let moved_to: Option<String> = row.get("moved_to");
     FileProgress {
-        id: row.get("id"),
+        id,
         name: row.get("name"),
         stored_name: moved_to.as_deref().map(file_name_of),
         disposition: row.get("disposition"),
@@ -149,7 +156,7 @@ fn file_progress_row(row: sqlx::sqlite::SqliteRow) -> FileProgress {
         in_progress: row.get::<i64, _>("in_progress") as u64,
         succeeded: row.get::<i64, _>("succeeded") as u64,
         failed: row.get::<i64, _>("failed") as u64,
-        finished_recently: row.get::<i64, _>("finished_recently") as u64,
+        finished_recently: finished_recently.get(&id).copied().unwrap_or(0),
         ingested_at: row.get("ingested_at"),
         exported_at: row.get("exported_at"),
         export_path: row.get("export_path"),
@@ -233,20 +240,75 @@ impl Store {
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<FileProgress>, StoreError> {
+        // Both queries read one snapshot, so the counts and the recent finishes agree.
+        let mut tx = self.pool().begin().await?;
+        let recent = finished_since(&mut tx, since).await?;
         let rows = sqlx::query(
             "SELECT f.id, f.name, f.moved_to, f.disposition, f.items_total, f.errors_total,
                     f.ingested_at, f.exported_at, f.export_path, f.purged_at,
-                    COALESCE(SUM(w.state = 'queued'), 0) AS queued,
-                    COALESCE(SUM(w.state IN ('packed', 'submitted', 'in_flight')), 0) AS in_progress,
-                    COALESCE(SUM(w.state = 'succeeded'), 0) AS succeeded,
-                    COALESCE(SUM(w.state = 'failed'), 0) AS failed,
-                    COALESCE(SUM(w.finished_at >= ?1 AND w.attempts > 0), 0) AS finished_recently
-             FROM input_files f LEFT JOIN work_items w ON w.file_id = f.id
+                    COALESCE(SUM(CASE WHEN c.state = 'queued' THEN c.n END), 0) AS queued,
+                    COALESCE(SUM(CASE WHEN c.state IN ('packed', 'submitted', 'in_flight')
+                                      THEN c.n END), 0) AS in_progress,
+                    COALESCE(SUM(CASE WHEN c.state = 'succeeded' THEN c.n END), 0) AS succeeded,
+                    COALESCE(SUM(CASE WHEN c.state = 'failed' THEN c.n END), 0) AS failed
+             FROM input_files f LEFT JOIN item_counts c ON c.file_id = f.id
              GROUP BY f.id ORDER BY f.id DESC",
         )
-        .bind(timestamp(since))
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(rows.into_iter().map(file_progress_row).collect())
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| file_progress_row(row, &recent))
+            .collect())
+    }
+}
+
+/// Counts per file the items sent at least once that finished at or after `since`. The
+/// `finished_at` index limits the read to those items, however many the table holds.
+/// NOTE: the read still grows with the items finished in the window. With 100,000 of them it
+/// took about 35 ms (release build, 2-core development VM).
+async fn finished_since(
+    conn: &mut SqliteConnection,
+    since: DateTime<Utc>,
+) -> Result<HashMap<i64, u64>, StoreError> {
+    let rows = sqlx::query(FINISHED_SINCE)
+        .bind(timestamp(since))
+        .fetch_all(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.get("file_id"), row.get::<i64, _>("n") as u64))
+        .collect())
+}
+
+const FINISHED_SINCE: &str =
+    "SELECT file_id, COUNT(*) AS n FROM work_items INDEXED BY work_items_by_finished_at
+     WHERE finished_at >= ?1 AND attempts > 0
+     GROUP BY file_id";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn recent_finishes_read_the_finished_at_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        let sql = format!("EXPLAIN QUERY PLAN {FINISHED_SINCE}");
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(timestamp(Utc::now()))
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|step| step
+                    .starts_with("SEARCH work_items USING INDEX work_items_by_finished_at")),
+            "{plan:#?}"
+        );
     }
 }

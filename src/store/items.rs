@@ -231,12 +231,22 @@ pub enum Added {
     },
 }
 
+/// Returns the state an item is stored in: failed when ingest found a reason, else queued.
+fn stored_state(item: &NewItem) -> ItemState {
+    if item.error.is_some() {
+        ItemState::Failed
+    } else {
+        ItemState::Queued
+    }
+}
+
 /// Columns bound per item by [`insert_items`].
 const INSERT_COLUMNS: usize = 14;
 
 /// Inserts `items` of one file in one statement, skipping those whose `custom_id` the file
-/// already has. Returns what happened to each item, in order. Items repeating an earlier item of
-/// the same call are repeats too, because SQLite inserts the rows in order.
+/// already has, and adds the stored rows to `item_counts`. Returns what happened to each item,
+/// in order. Items repeating an earlier item of the same call are repeats too, because SQLite
+/// inserts the rows in order.
 pub(crate) async fn insert_items(
     conn: &mut SqliteConnection,
     file_id: i64,
@@ -271,16 +281,18 @@ pub(crate) async fn insert_items(
             .bind(now)
             .bind(now)
             .bind(now)
-            .bind(if failed { "failed" } else { "queued" })
+            .bind(stored_state(item).as_str())
             .bind(item.error.as_deref())
             .bind(failed.then_some(now));
     }
     let inserted: std::collections::HashSet<i64> =
         query.fetch_all(&mut *conn).await?.into_iter().collect();
     let mut added = Vec::with_capacity(items.len());
+    let mut new_counts: BTreeMap<ItemState, u64> = BTreeMap::new();
     for item in items {
         if inserted.contains(&(item.line_no as i64)) {
             added.push(Added::New);
+            *new_counts.entry(stored_state(item)).or_default() += 1;
             continue;
         }
         let first: i64 = sqlx::query_scalar(
@@ -294,6 +306,7 @@ pub(crate) async fn insert_items(
             first_line: first as u64,
         });
     }
+    super::counts::add_inserted(conn, file_id, &new_counts).await?;
     Ok(added)
 }
 
@@ -308,20 +321,6 @@ fn claimed(row: sqlx::sqlite::SqliteRow) -> ClaimedItem {
 }
 
 impl Store {
-    /// Counts items per state, every state present (zero when none).
-    pub async fn item_counts(&self) -> Result<BTreeMap<ItemState, u64>, StoreError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM work_items GROUP BY state")
-            .fetch_all(self.pool())
-            .await?;
-        let mut counts: BTreeMap<ItemState, u64> =
-            ItemState::ALL.into_iter().map(|s| (s, 0)).collect();
-        for row in rows {
-            let state: ItemState = row.get::<String, _>("state").parse()?;
-            counts.insert(state, row.get::<i64, _>("n") as u64);
-        }
-        Ok(counts)
-    }
-
     /// Claims up to `limit` due items of one non-embedding endpoint for real-time calls.
     pub async fn claim_realtime(
         &self,

@@ -5,6 +5,7 @@
 //! (`2026-01-02T03:04:05.678Z`), so they sort as text and compare correctly in SQL.
 
 mod batches;
+mod counts;
 mod exports;
 mod files;
 pub mod items;
