@@ -667,16 +667,20 @@ pub(crate) mod outcome {
                 ])
             })
             .collect();
+        // Materialized, the JSON is parsed once and each row found by its key; as a plain
+        // subquery SQLite parsed it again for every item of the batch.
         let done = sqlx::query(
-            "UPDATE work_items
+            "WITH r AS MATERIALIZED (
+                 SELECT value ->> 0 AS id, value ->> 1 AS status_code, value ->> 2 AS response,
+                        value ->> 3 AS prompt_tokens, value ->> 4 AS completion_tokens,
+                        value ->> 5 AS total_tokens
+                 FROM json_each(?3))
+             UPDATE work_items
              SET state = 'succeeded', status_code = r.status_code, response = r.response,
                  error = NULL, prompt_tokens = r.prompt_tokens,
                  completion_tokens = r.completion_tokens, total_tokens = r.total_tokens,
                  attempts = attempts + 1, finished_at = ?2, updated_at = ?2
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS status_code, value ->> 2 AS response,
-                          value ->> 3 AS prompt_tokens, value ->> 4 AS completion_tokens,
-                          value ->> 5 AS total_tokens
-                   FROM json_each(?3)) AS r
+             FROM r
              WHERE work_items.id = r.id AND work_items.batch_id = ?1
                AND work_items.state = 'submitted'",
         )
