@@ -39,8 +39,8 @@ fn seconds(var: &str, default: f64) -> Duration {
     }
 }
 
-/// Writes `count` chat requests of about 660 bytes each, as a user's evaluation set would hold
-/// them: a system prompt, a word problem and sampling settings.
+/// Writes `count` chat requests of about 650 bytes each, shaped like a user's evaluation set: a
+/// system prompt, a word problem and sampling settings.
 fn write_requests(path: &Path, count: u64) {
     let system = "You are a careful math tutor. Solve the word problem step by step, show each \
                   intermediate calculation on its own line, and finish with a line of the form \
@@ -74,29 +74,29 @@ fn write_requests(path: &Path, count: u64) {
     out.flush().unwrap();
 }
 
-/// Moves a written file into the daemon's inbox in one rename, as users are told to.
+/// Moves a written file into the daemon's inbox in one rename, as the README asks users to.
 fn drop_path(daemon: &Daemon, source: &Path, name: &str) {
     let inbox = daemon.path("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
     std::fs::rename(source, inbox.join(name)).unwrap();
 }
 
-/// What `/proc` tells about a running process.
+/// Readings of `/proc` for one running process.
 struct Proc {
     pid: u32,
 }
 
 impl Proc {
-    /// User plus system CPU time, in the kernel's 10 ms ticks.
+    /// Returns the user plus system CPU time, in the kernel's 10 ms ticks.
     fn cpu(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        // The command name may hold spaces; the fields after it are space-separated.
+        // The command name may contain spaces, so fields are counted from its closing parenthesis.
         let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
         Duration::from_millis(ticks * 10)
     }
 
-    /// A `kB` field of `/proc/PID/status`, such as `VmRSS` or `VmHWM`, in MiB.
+    /// Returns a `kB` field of `/proc/PID/status`, such as `VmRSS` or `VmHWM`, in MiB.
     fn memory_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
         let kib: f64 = status
@@ -108,7 +108,8 @@ impl Proc {
         kib / 1024.0
     }
 
-    /// Context switches of all the process's threads so far: each is a wakeup or a preemption.
+    /// Returns the context switches of all the process's threads so far. Each is a wakeup or a
+    /// preemption.
     fn switches(&self) -> u64 {
         let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).unwrap();
         tasks
@@ -137,7 +138,7 @@ async fn finished(db: &SqlitePool) -> i64 {
         .unwrap()
 }
 
-/// Waits until `expected` items have finished, checking every 50 ms, and returns when.
+/// Waits until `expected` items have finished, checking every 50 ms, and returns that moment.
 async fn wait_finished(daemon: &Daemon, db: &SqlitePool, expected: u64) -> Instant {
     let started = Instant::now();
     loop {
@@ -210,7 +211,7 @@ fn median_and_max_ms(mut times: Vec<Duration>) -> (f64, f64) {
     (ms(times[times.len() / 2]), ms(*times.last().unwrap()))
 }
 
-/// Ingest rate against `sqlite3 .import`, then, with every item still queued behind ten jobs
+/// Measures the ingest rate against `sqlite3 .import`, then, with every item still queued behind ten jobs
 /// that do not finish, the time `batchd status` takes and the daemon's memory.
 /// Full size: `BATCHD_BENCH_ITEMS=1000000`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,7 +284,7 @@ async fn ingest_rate_and_a_large_queue() {
     assert_eq!(stored as u64, items, "every line is stored as one item");
 }
 
-/// Batch slots: items pass through ten jobs at a time with a turnaround T; the ideal drain
+/// Measures batch slots: items pass through ten jobs at a time with a turnaround T; the ideal drain
 /// time is the number of job waves times T. Full size:
 /// `BATCHD_BENCH_SLOT_ITEMS=20000 BATCHD_BENCH_TURNAROUND_SECS=10`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,7 +332,7 @@ async fn batch_slots_refill_when_jobs_finish() {
     assert_eq!(snapshot.batches_created, jobs, "each job holds 100 items");
 }
 
-/// CPU time of the daemon per item, from a file landing in the inbox to its export.
+/// Measures the daemon's CPU time per item, from a file landing in the inbox to its export.
 /// Full size: `BATCHD_BENCH_COST_ITEMS=100000`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_time_per_item() {
@@ -375,14 +376,14 @@ async fn cpu_time_per_item() {
     assert_eq!(succeeded as u64, items);
 }
 
-/// An idle daemon: empty inbox, no work. Full size: `BATCHD_BENCH_IDLE_SECS=60`.
+/// Measures an idle daemon: empty inbox, no work. Full size: `BATCHD_BENCH_IDLE_SECS=60`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_daemon_sleeps() {
     let span = seconds("BATCHD_BENCH_IDLE_SECS", 3.0);
     let sim = Sim::fast().await;
     let daemon = Daemon::start(&sim.base_url, "");
     wait_for_log(&daemon, "batchd started");
-    // Start-up work (migrations, the model catalogue, the first scans) is over by now.
+    // Start-up work (migrations, the model catalogue, the first scans) takes well under 2 s here.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let process = Proc { pid: daemon.pid() };
     let (cpu, switches) = (process.cpu(), process.switches());

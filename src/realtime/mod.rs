@@ -30,8 +30,8 @@ pub use limiter::EndpointLimiter;
 const EMBEDDINGS: &str = "/v1/embeddings";
 
 /// Waits between claims that found nothing, doubling from the first to the second while the
-/// endpoint stays idle. Stored items raise a wake-up; the timer only catches items whose retry
-/// backoff or deadline came due, so an idle daemon checks each endpoint every few seconds.
+/// endpoint stays idle. Stored items raise a wake-up, and the timer only catches items whose
+/// retry backoff or deadline came due. So an idle daemon checks each endpoint every few seconds.
 const IDLE_WAIT_MIN: Duration = Duration::from_secs(1);
 const IDLE_WAIT_MAX: Duration = Duration::from_secs(8);
 /// Shared state of the real-time workers.

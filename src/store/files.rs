@@ -73,8 +73,8 @@ impl FileProgress {
 }
 
 // TODO: ingest runs at about a sixth of the rate of `sqlite3 .import` on the same lines. Each
-// row goes to the WAL and again to the database at the checkpoint, into four indexes, and its
-// body is serialized again; the file is also read twice (hash, then lines).
+// row goes to the WAL, to the database at the checkpoint and into four indexes, and its body is
+// serialized again. The file is also read twice (hash, then lines).
 
 /// Items buffered before one multi-row insert. A row costs a few microseconds to insert, while
 /// each statement costs tens, so inserting many rows per statement speeds ingest up.

@@ -155,10 +155,19 @@ pub struct ItemOutcome<'a> {
 const EMBEDDINGS: &str = "/v1/embeddings";
 
 /// SQL returning the first endpoint and model after (`?1`, `?2`) that has queued batch items:
-/// one seek of the pack index per group instead of a scan of the queue.
-const PACK_NEXT_GROUP: &str = "SELECT endpoint, model FROM work_items INDEXED BY work_items_pack
-     WHERE state = 'queued' AND urgent = 0 AND (endpoint, model) > (?1, ?2)
-     ORDER BY endpoint, model LIMIT 1";
+/// one seek of the pack index per group instead of a scan of the queue. It takes two range
+/// seeks, because SQLite reads a row-value range `(endpoint, model) > (?1, ?2)` through the
+/// endpoint alone and so passes over every queued item of that endpoint.
+const PACK_NEXT_GROUP: &str = "SELECT endpoint, model FROM (
+         SELECT endpoint, model FROM work_items INDEXED BY work_items_pack
+         WHERE state = 'queued' AND urgent = 0 AND endpoint = ?1 AND model > ?2
+         ORDER BY model LIMIT 1)
+     UNION ALL
+     SELECT endpoint, model FROM (
+         SELECT endpoint, model FROM work_items INDEXED BY work_items_pack
+         WHERE state = 'queued' AND urgent = 0 AND endpoint > ?1
+         ORDER BY endpoint, model LIMIT 1)
+     LIMIT 1";
 
 /// SQL returning the oldest `?5` due items of one pack group (endpoint `?2`, model `?3`, due by
 /// `?1`, no deadline before `?4`) with the size of their request bodies.
@@ -441,7 +450,7 @@ impl Store {
     }
 
     /// Lists groups of due, batchable items by endpoint and model, oldest first. A group's count
-    /// stops at `cap`: the packer only asks whether a group holds a full batch.
+    /// stops at `cap`, because the packer only needs to know whether a group fills a batch.
     pub async fn pack_groups(
         &self,
         batchable: &[String],
@@ -667,8 +676,8 @@ pub(crate) mod outcome {
                 ])
             })
             .collect();
-        // Materialized, the JSON is parsed once and each row found by its key; as a plain
-        // subquery SQLite parsed it again for every item of the batch.
+        // Materialized, the JSON is parsed once and each row is found by its key. As a plain
+        // subquery, SQLite parsed it again for every item of the batch.
         let done = sqlx::query(
             "WITH r AS MATERIALIZED (
                  SELECT value ->> 0 AS id, value ->> 1 AS status_code, value ->> 2 AS response,
@@ -854,7 +863,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pack_queries_seek_the_pack_index_without_scanning_the_queue() {
+    async fn pack_queries_seek_pack_index() {
         let (_dir, store) = open_store().await;
         let next_group = plan(&store, PACK_NEXT_GROUP, &[CHAT, "m"]).await;
         assert_searches(&next_group, "work_items_pack");
@@ -875,7 +884,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pack_groups_find_each_model_and_stop_counting_at_the_cap() {
+    async fn pack_groups_cap_counts_per_model() {
         let (_dir, store) = open_store().await;
         let mut items = vec![(CHAT, "big", false); 7];
         items.extend([(CHAT, "small", false), (CHAT, "small", true)]);
