@@ -788,34 +788,9 @@ pub(crate) mod outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::plan_tests::{assert_searches, plan};
 
     const CHAT: &str = "/v1/chat/completions";
-
-    /// Returns the details of SQLite's plan for `sql`, with `params` bound in order.
-    async fn plan(store: &Store, sql: &str, params: &[&str]) -> Vec<String> {
-        let sql = format!("EXPLAIN QUERY PLAN {sql}");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for param in params {
-            query = query.bind(*param);
-        }
-        let rows = query.fetch_all(store.pool()).await.unwrap();
-        rows.iter()
-            .map(|row| row.get::<String, _>("detail"))
-            .collect()
-    }
-
-    /// Asserts that a plan reads `index` and never scans the whole table.
-    fn assert_searches(plan: &[String], index: &str) {
-        assert!(
-            plan.iter().all(|step| !step.starts_with("SCAN work_items")),
-            "{plan:#?}"
-        );
-        let reads_index = |step: &String| {
-            step.starts_with("SEARCH work_items USING")
-                && step.contains(&format!("INDEX {index} ("))
-        };
-        assert!(plan.iter().any(reads_index), "{plan:#?}");
-    }
 
     async fn open_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

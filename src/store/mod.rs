@@ -112,3 +112,36 @@ impl Store {
         self.pool.close().await;
     }
 }
+
+/// Query-plan checks shared by the store's tests.
+#[cfg(test)]
+pub(crate) mod plan_tests {
+    use super::Store;
+    use sqlx::Row;
+
+    /// Returns the details of SQLite's plan for `sql`, with `params` bound in order.
+    pub(crate) async fn plan(store: &Store, sql: &str, params: &[&str]) -> Vec<String> {
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for param in params {
+            query = query.bind(*param);
+        }
+        let rows = query.fetch_all(store.pool()).await.unwrap();
+        rows.iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect()
+    }
+
+    /// Asserts that a plan reads `index` and never scans the whole table.
+    pub(crate) fn assert_searches(plan: &[String], index: &str) {
+        assert!(
+            plan.iter().all(|step| !step.starts_with("SCAN work_items")),
+            "{plan:#?}"
+        );
+        let reads_index = |step: &String| {
+            step.starts_with("SEARCH work_items USING")
+                && step.contains(&format!("INDEX {index} ("))
+        };
+        assert!(plan.iter().any(reads_index), "{plan:#?}");
+    }
+}

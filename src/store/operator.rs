@@ -161,20 +161,8 @@ mod tests {
     async fn realtime_rates_read_the_finished_at_index() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
-        let sql = format!("EXPLAIN QUERY PLAN {REALTIME_RATES}");
-        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(timestamp(Utc::now()))
-            .fetch_all(store.pool())
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get::<String, _>("detail"))
-            .collect();
-        assert!(
-            plan.iter()
-                .any(|step| step
-                    .starts_with("SEARCH work_items USING INDEX work_items_by_finished_at")),
-            "{plan:#?}"
-        );
+        let now = timestamp(Utc::now());
+        let plan = crate::store::plan_tests::plan(&store, REALTIME_RATES, &[&now]).await;
+        crate::store::plan_tests::assert_searches(&plan, "work_items_by_finished_at");
     }
 }
