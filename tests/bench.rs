@@ -74,7 +74,7 @@ fn write_requests(path: &Path, count: u64) {
     out.flush().unwrap();
 }
 
-/// Moves a written file into the daemon's inbox in one rename, as the README asks users to.
+/// Moves a written file into the daemon's inbox in one rename, the way the README describes.
 fn drop_path(daemon: &Daemon, source: &Path, name: &str) {
     let inbox = daemon.path("inbox");
     std::fs::create_dir_all(&inbox).unwrap();

@@ -9,7 +9,7 @@
 //! For each side, the measured window starts a warm-up after that side's first request reached
 //! its simulator. The test prints, per side, the accepted requests per minute in the window
 //! divided by L, and the 429s over the whole run. It asserts only correctness: every stored or
-//! received answer belongs to its request, nothing failed, and both clients exit cleanly.
+//! received response belongs to its request, nothing failed, and both clients exit cleanly.
 //!
 //! Settings: `BATCHD_BENCH_REALTIME_SECS` (measured window, default 20),
 //! `BATCHD_BENCH_REALTIME_WARMUP_SECS` (default 5), `BATCHD_BENCH_REALTIME_LIMIT` (L, default 600),
@@ -202,7 +202,7 @@ impl PythonClient {
     }
 }
 
-/// Checks every item the daemon finished: none failed, and each answer is its own request's.
+/// Checks every item the daemon finished: none failed, and each response matches its own request.
 /// Returns how many succeeded.
 async fn check_daemon_results(daemon: &Daemon, requests: &HashMap<String, Value>) -> usize {
     let db = daemon.db().await;

@@ -64,28 +64,30 @@ mod tests {
 
     type Counts = BTreeMap<(i64, String), i64>;
 
-    /// Reads `item_counts`, leaving out zero counts.
-    async fn kept_counts(store: &Store) -> Counts {
-        let rows = sqlx::query("SELECT file_id, state, n FROM item_counts WHERE n <> 0")
-            .fetch_all(store.pool())
-            .await
-            .unwrap();
+    /// Runs `sql`, which selects `file_id`, `state` and `n`, and collects the counts.
+    async fn counts_of(store: &Store, sql: &'static str) -> Counts {
+        let rows = sqlx::query(sql).fetch_all(store.pool()).await.unwrap();
         rows.into_iter()
             .map(|row| ((row.get("file_id"), row.get("state")), row.get("n")))
             .collect()
     }
 
+    /// Reads `item_counts`, leaving out zero counts.
+    async fn kept_counts(store: &Store) -> Counts {
+        counts_of(
+            store,
+            "SELECT file_id, state, n FROM item_counts WHERE n <> 0",
+        )
+        .await
+    }
+
     /// Counts `work_items` per file and state with `GROUP BY`.
     async fn real_counts(store: &Store) -> Counts {
-        let rows = sqlx::query(
+        counts_of(
+            store,
             "SELECT file_id, state, COUNT(*) AS n FROM work_items GROUP BY file_id, state",
         )
-        .fetch_all(store.pool())
         .await
-        .unwrap();
-        rows.into_iter()
-            .map(|row| ((row.get("file_id"), row.get("state")), row.get("n")))
-            .collect()
     }
 
     async fn assert_exact(store: &Store, step: &str) {
