@@ -213,10 +213,12 @@ fn median_and_max_ms(mut times: Vec<Duration>) -> (f64, f64) {
 
 /// Measures the ingest rate against `sqlite3 .import`, then, with every item still queued behind ten jobs
 /// that do not finish, the time `batchd status` takes and the daemon's memory.
-/// Full size: `BATCHD_BENCH_ITEMS=1000000`.
+/// Full size: `BATCHD_BENCH_ITEMS=1000000`. `BATCHD_BENCH_COMMIT_LINES` sets
+/// `ingest.commit_lines` (0, one transaction per file, unless set).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_rate_and_a_large_queue() {
     let items = size("BATCHD_BENCH_ITEMS", 5_000);
+    let commit_lines = size("BATCHD_BENCH_COMMIT_LINES", 0);
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("requests.jsonl");
     write_requests(&file, items);
@@ -229,7 +231,8 @@ async fn ingest_rate_and_a_large_queue() {
         ..SimConfig::default()
     })
     .await;
-    let daemon = Daemon::start(&sim.base_url, "[ingest]\nsettle_secs = 0.1\n");
+    let settings = format!("[ingest]\nsettle_secs = 0.1\ncommit_lines = {commit_lines}\n");
+    let daemon = Daemon::start(&sim.base_url, &settings);
     wait_for_log(&daemon, "batchd started");
     let process = Proc { pid: daemon.pid() };
     let started = Instant::now();
@@ -254,7 +257,10 @@ async fn ingest_rate_and_a_large_queue() {
     let slow_statements = daemon.log().matches("slow statement").count();
 
     let rate = items as f64 / ingest.as_secs_f64();
-    println!("ingest: {items} lines, {:.1} MB", bytes as f64 / 1e6);
+    println!(
+        "ingest: {items} lines, {:.1} MB, ingest.commit_lines = {commit_lines}",
+        bytes as f64 / 1e6
+    );
     if let Some(import) = import {
         let import_rate = items as f64 / import.as_secs_f64();
         println!(

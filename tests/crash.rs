@@ -40,12 +40,16 @@ fn input() -> Vec<u8> {
 /// Aborts the daemon at `point`, restarts it, and checks that nothing was lost or doubled.
 /// Returns the daemon and the simulator for checks of the specific recovery.
 async fn crash_and_recover(point: &str) -> (Daemon, Sim) {
+    crash_and_recover_with(point, SETTINGS).await
+}
+
+async fn crash_and_recover_with(point: &str, settings: &str) -> (Daemon, Sim) {
     let sim = Sim::start(SimConfig {
         turnaround: Duration::from_millis(300),
         ..SimConfig::default()
     })
     .await;
-    let mut daemon = Daemon::prepare(&sim.base_url, SETTINGS);
+    let mut daemon = Daemon::prepare(&sim.base_url, settings);
     let input = input();
     daemon.drop_file("work.jsonl", &input);
     daemon.spawn_with_env(&[("BATCHD_FAULT_POINT", point)]);
@@ -156,6 +160,29 @@ async fn crash_mid_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_ingest() {
     crash_and_recover("mid-ingest:7").await;
+}
+
+/// A file committed in parts of 4 lines, stopped in its third part, is read on from line 9:
+/// every line becomes one item and the 10 batch items still go out in one full job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_ingest_after_committed_parts() {
+    let settings = "[ingest]\nsettle_secs = 0.2\ncommit_lines = 4\n\n\
+                    [batch]\nmax_requests = 10\nmax_linger_secs = 60\npoll_interval_secs = 0.1\n";
+    let (daemon, _sim) = crash_and_recover_with("mid-ingest:11", settings).await;
+    assert!(
+        daemon
+            .log()
+            .contains("reading on in a file stored in part before a restart"),
+        "{}",
+        daemon.log()
+    );
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(daemon.path("processed/work.jsonl.report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["lines"], 20);
+    assert_eq!(report["items"], 20);
+    assert_eq!(report["error_count"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,7 @@ fn check_bytes(name: &str, data: &[u8]) {
         max_line_bytes: 300,
         max_file_bytes: 4096,
         reject_file_on_error: false,
+        commit_lines: 0,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -195,19 +195,26 @@ impl Section<'_, '_> {
 
     /// Reads a whole number from 1 to `max`.
     pub(super) fn count(&mut self, key: &'static str, default: i64, max: i64) -> i64 {
+        self.whole(key, default, 1, max)
+    }
+
+    /// Reads a whole number from `min` to `max`.
+    pub(super) fn whole(&mut self, key: &'static str, default: i64, min: i64, max: i64) -> i64 {
         let n = match self.take(key) {
             None => return default,
             Some(Value::Integer(n)) => n,
             Some(other) => {
-                self.wrong_type(key, &other, &format!("a whole number from 1 to {max}"));
+                self.wrong_type(key, &other, &format!("a whole number from {min} to {max}"));
                 return default;
             }
         };
-        if n < 1 || n > max {
+        if n < min || n > max {
             let full = self.full(key);
             self.problem(
                 key,
-                format!("`{full}` = {n} is out of range: expected a whole number from 1 to {max}"),
+                format!(
+                    "`{full}` = {n} is out of range: expected a whole number from {min} to {max}"
+                ),
             );
             return default;
         }

@@ -74,6 +74,7 @@ pub fn to_table(c: &Config) -> Table {
                 "reject_file_on_error",
                 Value::Boolean(i.reject_file_on_error),
             ),
+            ("commit_lines", int(i.commit_lines)),
             ("check_models", Value::Boolean(i.check_models)),
         ],
     );

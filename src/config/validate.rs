@@ -138,6 +138,7 @@ fn ingest(mut s: Section) -> IngestConfig {
         max_line_bytes: s.count("max_line_bytes", 8 << 20, 1 << 30) as usize,
         max_file_bytes: s.count("max_file_bytes", 1 << 30, 1 << 40) as u64,
         reject_file_on_error: s.bool("reject_file_on_error", false),
+        commit_lines: s.whole("commit_lines", 0, 0, 1 << 40) as u64,
         check_models: s.bool("check_models", true),
     };
     s.finish();

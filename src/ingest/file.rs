@@ -1,21 +1,18 @@
 //! Ingesting one complete input file: hash it, skip it if its content was stored before, insert
-//! its good lines as work items in one transaction, write the report, and move it out of the
-//! inbox only after the commit.
+//! its good lines as work items, write the report, and move it out of the inbox only after the
+//! last commit. A large file is committed in parts; a restart reads on after the last part.
 
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-
-use tokio::io::{AsyncBufRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
 
 use super::IngestError;
-use super::lines::{Line, LineReader, is_gzip, open_input};
-use super::parse::parse_line;
+use super::read::{Checked, CheckedLines, GROUP_ROWS, ReadPlan, Stop};
 use crate::config::PathsConfig;
-use crate::models::{Catalogue, ModelCheck};
-use crate::store::{Added, NewFile, NewItem, SeenIds, Store};
+use crate::models::Catalogue;
+use crate::store::{Added, FileIngest, FileTotals, NewFile, NewItem, SeenIds, Store};
 
 /// At most this many line errors are listed in a report; the count covers them all.
 const MAX_REPORTED_ERRORS: usize = 1000;
@@ -82,6 +79,10 @@ pub struct FileLimits {
     pub max_file_bytes: u64,
     /// Reject the whole file when any line is bad, instead of ingesting the good lines.
     pub reject_file_on_error: bool,
+    /// Commit a file in parts of about this many lines; 0 commits each file at once. Files that
+    /// `reject_file_on_error` may reject are committed at once, since a committed part may
+    /// already have been sent.
+    pub commit_lines: u64,
 }
 
 /// Returns why a file is too large to read, if it is.
@@ -115,72 +116,25 @@ fn rejection(report: &Report, reject_file_on_error: bool) -> Option<String> {
     None
 }
 
-/// Checks the lines of one file in order, building its report and the items of its good lines.
-/// Repeated `custom_id`s are found by the caller, which keeps the ids on disk, and reported
-/// through [`LineChecker::stored`] or [`LineChecker::repeated`].
-pub struct LineChecker<'a> {
+/// Builds the report of one file from its checked groups and from what the store did with
+/// their items. Repeated `custom_id`s are found by the caller, which keeps the ids on disk, and
+/// reported through [`ReportBuilder::stored`] or [`ReportBuilder::repeated`].
+pub struct ReportBuilder<'a> {
     path: &'a Path,
-    urgent: bool,
-    max_line_bytes: usize,
-    catalogue: Option<&'a Catalogue>,
     report: Report,
 }
 
-impl<'a> LineChecker<'a> {
-    pub fn new(
-        path: &'a Path,
-        name: String,
-        sha256: String,
-        urgent: bool,
-        max_line_bytes: usize,
-        catalogue: Option<&'a Catalogue>,
-    ) -> Self {
-        LineChecker {
-            path,
-            urgent,
-            max_line_bytes,
-            catalogue,
-            report: Report::empty(name, sha256, "processed", urgent),
-        }
+impl<'a> ReportBuilder<'a> {
+    pub fn new(path: &'a Path, report: Report) -> Self {
+        ReportBuilder { path, report }
     }
 
-    /// Checks one line. Returns the item of a good line, to be passed to
-    /// [`LineChecker::stored`] once stored. A bad line is recorded in the report and logged.
-    /// Blank lines are skipped.
-    pub fn check(&mut self, line: &Line<'_>) -> Option<NewItem> {
-        if line.bytes.iter().all(u8::is_ascii_whitespace) && !line.too_long {
-            return None;
+    /// Counts a group's lines and records its bad ones.
+    pub fn read(&mut self, group: &mut Checked) {
+        self.report.lines += group.lines;
+        for (line, reason) in std::mem::take(&mut group.errors) {
+            self.record_error(line, reason);
         }
-        self.report.lines += 1;
-        let checked = if line.too_long {
-            Err(format!(
-                "line is longer than the maximum of {} bytes (`ingest.max_line_bytes`)",
-                self.max_line_bytes
-            ))
-        } else {
-            parse_line(line.bytes)
-        };
-        let parsed = match checked {
-            Ok(parsed) => parsed,
-            Err(reason) => {
-                self.record_error(line.number, reason);
-                return None;
-            }
-        };
-        let error = match self.catalogue.map(|c| c.check(&parsed.model)) {
-            Some(ModelCheck::Unknown(message)) => Some(message),
-            _ => None,
-        };
-        Some(NewItem {
-            line_no: line.number,
-            custom_id: parsed.custom_id,
-            endpoint: parsed.endpoint,
-            model: parsed.model,
-            body: parsed.body,
-            urgent: self.urgent || parsed.urgent,
-            deadline: parsed.deadline,
-            error,
-        })
     }
 
     /// Counts an item that was stored.
@@ -225,70 +179,17 @@ impl<'a> LineChecker<'a> {
         }
     }
 
+    /// Returns the report so far, as [`ReportBuilder::into_report`] would.
+    pub fn snapshot(&self) -> Report {
+        let mut report = self.report.clone();
+        report.errors.sort_by_key(|error| error.line);
+        report
+    }
+
     pub fn into_report(mut self) -> Report {
         // Repeats are found when their group is inserted, after later lines were checked.
         self.report.errors.sort_by_key(|error| error.line);
         self.report
-    }
-}
-
-/// The lines of an input file, with the checks that end reading early.
-struct InputLines<'p> {
-    path: &'p Path,
-    lines: LineReader<Box<dyn AsyncBufRead + Unpin + Send>>,
-    max_file_bytes: u64,
-}
-
-/// The reason reading a file stopped before its end.
-enum Stop {
-    /// The file must be rejected for this reason.
-    Reject(String),
-    /// Reading failed; the file is tried again at a later scan.
-    Failed(IngestError),
-}
-
-impl<'p> InputLines<'p> {
-    async fn open(path: &'p Path, limits: &FileLimits) -> Result<Self, IngestError> {
-        let reader = open_input(path)
-            .await
-            .map_err(|e| IngestError::io("open", path, e))?;
-        Ok(InputLines {
-            path,
-            lines: LineReader::new(reader, limits.max_line_bytes),
-            max_file_bytes: limits.max_file_bytes,
-        })
-    }
-
-    async fn next(&mut self) -> Result<Option<Line<'_>>, Stop> {
-        // Checked before each read, so a compressed file that expands past the limit is
-        // stopped within one line of it.
-        if self.lines.bytes_read() > self.max_file_bytes {
-            return Err(Stop::Reject(format!(
-                "decompressed content is more than the maximum of {} bytes (`ingest.max_file_bytes`): split it into smaller files",
-                self.max_file_bytes
-            )));
-        }
-        match self.lines.next_line().await {
-            Ok(line) => Ok(line),
-            Err(e)
-                if is_gzip(self.path)
-                    && matches!(e.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof) =>
-            {
-                Err(Stop::Reject(format!(
-                    "file is not valid gzip ({e}): compress it again with gzip, or drop it uncompressed as .jsonl"
-                )))
-            }
-            Err(e) => Err(Stop::Failed(IngestError::io("read", self.path, e))),
-        }
-    }
-
-    /// Returns the SHA-256 of the file as stored, which names its content for duplicate checks.
-    async fn sha256(&mut self) -> Result<String, IngestError> {
-        if is_gzip(self.path) {
-            hash_file(self.path).await
-        } else {
-            Ok(self.lines.sha256())
-        }
     }
 }
 
@@ -299,35 +200,38 @@ pub async fn check_file(path: &Path, limits: &FileLimits) -> Result<Report, Inge
     if let Some(reason) = too_big(path, limits.max_file_bytes).await? {
         return Ok(Report::rejected_file(name, String::new(), false, reason));
     }
-    let mut input = InputLines::open(path, limits).await?;
-    let mut checker = LineChecker::new(
+    let mut lines = CheckedLines::start(ReadPlan {
+        path: path.to_path_buf(),
+        urgent: false,
+        limits: *limits,
+        catalogue: None,
+        skip_through: 0,
+        group_lines: GROUP_ROWS,
+    });
+    let mut builder = ReportBuilder::new(
         path,
-        name.clone(),
-        String::new(),
-        false,
-        limits.max_line_bytes,
-        None,
+        Report::empty(name.clone(), String::new(), "processed", false),
     );
     let mut seen = SeenIds::open().await?;
-    loop {
-        let line = match input.next().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(Stop::Reject(reason)) => {
-                return Ok(Report::rejected_file(name, String::new(), false, reason));
-            }
-            Err(Stop::Failed(error)) => return Err(error),
-        };
-        if let Some(item) = checker.check(&line) {
+    while let Some(mut group) = lines.next().await {
+        builder.read(&mut group);
+        for item in &group.items {
             match seen.first_line(&item.custom_id, item.line_no).await? {
-                None => checker.accepted(&item),
-                Some(first_line) => checker.repeated(&item, first_line),
+                None => builder.accepted(item),
+                Some(first_line) => builder.repeated(item, first_line),
             }
         }
     }
     seen.close().await?;
-    let mut report = checker.into_report();
-    report.sha256 = input.sha256().await?;
+    let sha256 = match lines.finish().await {
+        Ok(sha256) => sha256,
+        Err(Stop::Reject(reason)) => {
+            return Ok(Report::rejected_file(name, String::new(), false, reason));
+        }
+        Err(Stop::Failed(error)) => return Err(error),
+    };
+    let mut report = builder.into_report();
+    report.sha256 = sha256;
     if let Some(reason) = rejection(&report, limits.reject_file_on_error) {
         report.disposition = "rejected".into();
         report.reason = Some(reason);
@@ -349,7 +253,7 @@ fn file_name(path: &Path) -> String {
 }
 
 /// Returns the hex SHA-256 of a file's bytes as stored, read in chunks.
-async fn hash_file(path: &Path) -> Result<String, IngestError> {
+pub(super) async fn hash_file(path: &Path) -> Result<String, IngestError> {
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| IngestError::io("open", path, e))?;
@@ -380,20 +284,26 @@ pub async fn ingest_file(
     let name = file_name(path);
     let sha256 = hash_file(path).await?;
 
+    let mut resume = None;
     if let Some(existing) = store.file_by_hash(&sha256).await? {
-        if existing.disposition == "pending" {
-            // Stored by an earlier run that stopped before moving the file: finish the move.
-            let report: Report = serde_json::from_str(&existing.report)?;
-            let moved_to = move_with_report(path, &paths.processed, &report).await?;
-            store
-                .mark_file_moved(existing.id, "processed", &moved_to.display().to_string())
-                .await?;
-            return Ok(Ingested { report, moved_to });
+        match (existing.disposition.as_str(), existing.resume_line) {
+            ("pending", Some(line)) => resume = Some((existing, line)),
+            ("pending", None) => {
+                // Stored by an earlier run that stopped before moving the file: finish the move.
+                let report: Report = serde_json::from_str(&existing.report)?;
+                let moved_to = move_with_report(path, &paths.processed, &report).await?;
+                store
+                    .mark_file_moved(existing.id, "processed", &moved_to.display().to_string())
+                    .await?;
+                return Ok(Ingested { report, moved_to });
+            }
+            _ => {
+                let mut report = Report::empty(name, sha256, "duplicate", urgent);
+                report.duplicate_of = Some(existing.name);
+                let moved_to = move_with_report(path, &paths.processed, &report).await?;
+                return Ok(Ingested { report, moved_to });
+            }
         }
-        let mut report = Report::empty(name, sha256, "duplicate", urgent);
-        report.duplicate_of = Some(existing.name);
-        let moved_to = move_with_report(path, &paths.processed, &report).await?;
-        return Ok(Ingested { report, moved_to });
     }
 
     if let Some(reason) = too_big(path, limits.max_file_bytes).await? {
@@ -405,67 +315,154 @@ pub async fn ingest_file(
         .await;
     }
 
-    let mut ingest = store
-        .begin_file(&NewFile {
-            name: name.clone(),
-            sha256: sha256.clone(),
-            urgent,
-        })
-        .await?;
-    let mut input = InputLines::open(path, limits).await?;
-    let mut checker = LineChecker::new(
-        path,
-        name.clone(),
-        sha256.clone(),
-        urgent,
-        limits.max_line_bytes,
-        catalogue,
-    );
-    loop {
-        let line = match input.next().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(Stop::Reject(reason)) => {
-                drop(ingest); // rolls back the file row and its items
-                let report = Report::rejected_file(name, sha256, urgent, reason);
-                return reject(path, paths, report).await;
-            }
-            Err(Stop::Failed(error)) => return Err(error),
-        };
-        if let Some(item) = checker.check(&line) {
-            let stored = ingest.add(item).await?;
-            checker.stored(&stored);
-            crate::fault::point("mid-ingest");
-            crate::watchdog::progress();
+    let (ingest, report, skip_through) = match resume {
+        Some((existing, line)) => {
+            let report: Report = serde_json::from_str(&existing.report)?;
+            tracing::info!(file = %name, line, "reading on in a file stored in part before a restart");
+            (store.resume_file(&existing).await?, report, line)
         }
-    }
-    let stored = ingest.flush().await?;
-    checker.stored(&stored);
-    let mut report = checker.into_report();
-    if input.sha256().await? != sha256 {
-        // The file changed while it was read: it was not complete after all.
-        return Err(IngestError::Changed {
-            path: path.to_path_buf(),
-        });
-    }
-
-    if let Some(reason) = rejection(&report, limits.reject_file_on_error) {
-        drop(ingest); // rolls back the file row and its items
-        report.disposition = "rejected".into();
-        report.items = 0;
-        report.items_failed = 0;
-        report.reason = Some(reason);
-        return reject(path, paths, report).await;
-    }
-    let report_json = serde_json::to_string_pretty(&report)?;
-    let file_id = ingest
-        .commit(report.lines, report.items, report.error_count, &report_json)
-        .await?;
+        None => {
+            let file = NewFile {
+                name: name.clone(),
+                sha256: sha256.clone(),
+                urgent,
+            };
+            let report = Report::empty(name.clone(), sha256.clone(), "processed", urgent);
+            (store.begin_file(&file).await?, report, 0)
+        }
+    };
+    let in_parts = limits.commit_lines > 0 && !limits.reject_file_on_error;
+    let lines = CheckedLines::start(ReadPlan {
+        path: path.to_path_buf(),
+        urgent,
+        limits: *limits,
+        catalogue: catalogue.cloned(),
+        skip_through,
+        group_lines: match in_parts {
+            true => GROUP_ROWS.min(limits.commit_lines as usize),
+            false => GROUP_ROWS,
+        },
+    });
+    let parts = in_parts.then_some(Parts {
+        lines: limits.commit_lines,
+        last_committed: skip_through,
+    });
+    let builder = ReportBuilder::new(path, report);
+    let (file_id, report) =
+        match store_lines(ingest, lines, builder, parts, &sha256, limits).await? {
+            Stored::Whole { file_id, report } => (file_id, report),
+            Stored::Rejected(report) => return reject(path, paths, report).await,
+        };
     let moved_to = move_with_report(path, &paths.processed, &report).await?;
     store
         .mark_file_moved(file_id, "processed", &moved_to.display().to_string())
         .await?;
     Ok(Ingested { report, moved_to })
+}
+
+/// The part boundaries of a file stored in parts.
+struct Parts {
+    /// Lines in one part.
+    lines: u64,
+    /// The last line of the committed parts.
+    last_committed: u64,
+}
+
+/// The outcome of storing a file's lines.
+enum Stored {
+    /// The whole file is stored and committed.
+    Whole { file_id: i64, report: Report },
+    /// The file was rejected, with this report.
+    Rejected(Report),
+}
+
+/// Stores the checked lines of a file, in parts if `parts` is set, then commits the whole file. Returns [`IngestError::Changed`] if the file's content is not the one hashed.
+async fn store_lines<'a>(
+    mut ingest: FileIngest,
+    mut lines: CheckedLines,
+    mut builder: ReportBuilder<'a>,
+    mut parts: Option<Parts>,
+    sha256: &str,
+    limits: &FileLimits,
+) -> Result<Stored, IngestError> {
+    while let Some(mut group) = lines.next().await {
+        builder.read(&mut group);
+        let stored = ingest.insert(std::mem::take(&mut group.items)).await?;
+        builder.stored(&stored);
+        for _ in &stored {
+            crate::fault::point("mid-ingest");
+        }
+        crate::watchdog::progress();
+        if let Some(parts) = &mut parts
+            && group.last_line - parts.last_committed >= parts.lines
+        {
+            let report = builder.snapshot();
+            let json = serde_json::to_string_pretty(&report)?;
+            ingest
+                .commit_part(group.last_line, totals(&report, &json))
+                .await?;
+            parts.last_committed = group.last_line;
+        }
+    }
+    let path = builder.path;
+    let read = lines.finish().await;
+    let mut report = builder.into_report();
+    let reason = match read {
+        Ok(read_sha256) if read_sha256 == sha256 => rejection(&report, limits.reject_file_on_error),
+        Ok(_) => {
+            // The file changed while it was read: it was not complete after all.
+            let message =
+                "its input file changed while it was read; the new content is read as a new file";
+            report.reason = Some("the file changed while it was read".into());
+            abandon(ingest, &mut report, message).await?;
+            return Err(IngestError::Changed {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(Stop::Reject(reason)) => Some(reason),
+        Err(Stop::Failed(error)) => return Err(error),
+    };
+    let Some(reason) = reason else {
+        let json = serde_json::to_string_pretty(&report)?;
+        let file_id = ingest.commit(totals(&report, &json)).await?;
+        return Ok(Stored::Whole { file_id, report });
+    };
+    let message = format!("its input file was rejected after this line was stored: {reason}");
+    report.disposition = "rejected".into();
+    report.reason = Some(reason);
+    abandon(ingest, &mut report, &message).await?;
+    Ok(Stored::Rejected(report))
+}
+
+/// Gives up on a file after reading began; see [`FileIngest::abandon`]. The report then counts
+/// only the items of committed parts, which stay.
+async fn abandon(
+    ingest: FileIngest,
+    report: &mut Report,
+    message: &str,
+) -> Result<(), IngestError> {
+    let kept = ingest.committed_items();
+    report.items = kept;
+    report.items_failed = report.items_failed.min(kept);
+    if kept > 0
+        && let Some(reason) = report.reason.take()
+    {
+        report.reason = Some(format!(
+            "{reason}; the {kept} items of the lines stored before stay: those not yet sent failed, the others run to their end"
+        ));
+    }
+    let json = serde_json::to_string_pretty(report)?;
+    ingest.abandon(message, &json).await?;
+    Ok(())
+}
+
+fn totals<'a>(report: &Report, json: &'a str) -> FileTotals<'a> {
+    FileTotals {
+        lines: report.lines,
+        items: report.items,
+        errors: report.error_count,
+        report: json,
+    }
 }
 
 /// Moves a rejected file to `rejected/` with its report.
@@ -563,6 +560,7 @@ mod tests {
             max_line_bytes: 1000,
             max_file_bytes: 1 << 20,
             reject_file_on_error: false,
+            commit_lines: 0,
         };
 
         let done = ingest_file(&store, &path, false, &paths, &limits, None)

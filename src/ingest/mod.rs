@@ -10,6 +10,7 @@
 pub mod file;
 pub mod lines;
 pub mod parse;
+mod read;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error("failed to encode or decode a file report: {0}")]
     Report(#[from] serde_json::Error),
+    #[error("the task reading an input file failed: {0}")]
+    Reader(String),
     #[error("failed to watch the inbox {path}: {source}")]
     Watch {
         path: PathBuf,
@@ -66,6 +69,7 @@ impl From<&IngestConfig> for FileLimits {
             max_line_bytes: config.max_line_bytes,
             max_file_bytes: config.max_file_bytes,
             reject_file_on_error: config.reject_file_on_error,
+            commit_lines: config.commit_lines,
         }
     }
 }

@@ -56,7 +56,7 @@ mod tests {
     use super::*;
     use crate::store::items::outcome;
     use crate::store::items::{ItemOutcome, Usage};
-    use crate::store::{BatchState, NewBatch, NewFile, NewItem, Scope, timestamp};
+    use crate::store::{BatchState, FileTotals, NewBatch, NewFile, NewItem, Scope, timestamp};
 
     const CHAT: &str = "/v1/chat/completions";
     const EMBEDDINGS: &str = "/v1/embeddings";
@@ -165,12 +165,24 @@ mod tests {
             })
             .await
             .unwrap();
+        // Committed in two parts, as a large file is.
         let total = items.len() as u64;
-        for item in items {
-            file.add(item).await.unwrap();
+        let mut first = items;
+        let second = first.split_off(first.len() / 2);
+        let half = first.len() as u64;
+        file.insert(first).await.unwrap();
+        file.commit_part(half, totals(half)).await.unwrap();
+        file.insert(second).await.unwrap();
+        file.commit(totals(total)).await.unwrap()
+    }
+
+    fn totals(items: u64) -> FileTotals<'static> {
+        FileTotals {
+            lines: items,
+            items,
+            errors: 0,
+            report: "{}",
         }
-        file.flush().await.unwrap();
-        file.commit(total, total, 0, "{}").await.unwrap()
     }
 
     async fn ids_in_state(store: &Store, state: ItemState) -> Vec<i64> {
@@ -279,8 +291,10 @@ mod tests {
             })
             .await
             .unwrap();
-        dropped.add(item(1, "d-1", CHAT, false)).await.unwrap();
-        dropped.flush().await.unwrap();
+        dropped
+            .insert(vec![item(1, "d-1", CHAT, false)])
+            .await
+            .unwrap();
         drop(dropped);
         assert_exact(&store, "rolled back ingest").await;
 
@@ -422,6 +436,56 @@ mod tests {
                 .all(|(file, _)| *file == chat)
         );
         assert_files_view_exact(&store).await;
+    }
+
+    #[tokio::test]
+    async fn abandoned_file_keeps_committed_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        let new_file = |name: &str| NewFile {
+            name: name.into(),
+            sha256: name.into(),
+            urgent: false,
+        };
+
+        let mut kept = store.begin_file(&new_file("kept.jsonl")).await.unwrap();
+        let part = vec![item(1, "k-1", CHAT, false), item(2, "k-2", CHAT, false)];
+        kept.insert(part).await.unwrap();
+        kept.commit_part(2, totals(2)).await.unwrap();
+        kept.insert(vec![item(3, "k-3", CHAT, false)])
+            .await
+            .unwrap();
+        kept.abandon("its input file was rejected", "{}")
+            .await
+            .unwrap();
+        assert_exact(&store, "abandoned after a part").await;
+        let states: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT line_no, state, error FROM work_items ORDER BY line_no")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        let failed = "its input file was rejected".to_string();
+        assert_eq!(
+            states,
+            [
+                (1, "failed".into(), failed.clone()),
+                (2, "failed".into(), failed)
+            ],
+            "the rolled-back part left no item"
+        );
+        let kept_file = store.file_by_hash("kept.jsonl").await.unwrap().unwrap();
+        assert_eq!(kept_file.disposition, "rejected");
+        assert_eq!(kept_file.resume_line, None);
+
+        // A committed part without items leaves nothing behind.
+        let mut empty = store.begin_file(&new_file("empty.jsonl")).await.unwrap();
+        empty.commit_part(5, totals(0)).await.unwrap();
+        empty
+            .abandon("its input file was rejected", "{}")
+            .await
+            .unwrap();
+        assert!(store.file_by_hash("empty.jsonl").await.unwrap().is_none());
+        assert_exact(&store, "abandoned empty part").await;
     }
 
     #[tokio::test]

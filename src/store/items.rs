@@ -788,6 +788,7 @@ pub(crate) mod outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::FileTotals;
     use crate::store::plan_tests::{assert_searches, plan};
 
     const CHAT: &str = "/v1/chat/completions";
@@ -806,23 +807,28 @@ mod tests {
             urgent: false,
         };
         let mut ingest = store.begin_file(&file).await.unwrap();
-        for (n, (endpoint, model, urgent)) in items.iter().enumerate() {
-            ingest
-                .add(NewItem {
-                    line_no: n as u64 + 1,
-                    custom_id: format!("r{n}"),
-                    endpoint: endpoint.to_string(),
-                    model: model.to_string(),
-                    body: "{}".into(),
-                    urgent: *urgent,
-                    deadline: None,
-                    error: None,
-                })
-                .await
-                .unwrap();
-        }
-        ingest.flush().await.unwrap();
-        ingest.commit(0, 0, 0, "{}").await.unwrap();
+        let items = items
+            .iter()
+            .enumerate()
+            .map(|(n, (endpoint, model, urgent))| NewItem {
+                line_no: n as u64 + 1,
+                custom_id: format!("r{n}"),
+                endpoint: endpoint.to_string(),
+                model: model.to_string(),
+                body: "{}".into(),
+                urgent: *urgent,
+                deadline: None,
+                error: None,
+            })
+            .collect();
+        ingest.insert(items).await.unwrap();
+        let totals = FileTotals {
+            lines: 0,
+            items: 0,
+            errors: 0,
+            report: "{}",
+        };
+        ingest.commit(totals).await.unwrap();
     }
 
     const TIMES: [&str; 3] = ["2026-01-01T00:00:00.000Z", "[]", "2026-01-02T00:00:00.000Z"];

@@ -26,7 +26,7 @@ use sqlx::sqlite::{
 pub(crate) use batches::mark_harvested;
 pub use batches::{BatchRow, BatchState, NewBatch};
 pub use exports::{ExportCandidate, ExportRow};
-pub use files::{FileIngest, FileProgress, FileRow, NewFile};
+pub use files::{FileIngest, FileProgress, FileRow, FileTotals, NewFile};
 pub use items::{Added, ClaimedItem, ItemState, NewItem, PackCandidate, PackGroup};
 pub use operator::{Cancelled, EndpointRate, Scope};
 pub use retention::Purged;

@@ -84,16 +84,7 @@ impl Store {
     ) -> Result<Cancelled, StoreError> {
         let now = timestamp(Utc::now());
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let cancelled = sqlx::query(
-            "UPDATE work_items SET state = 'failed', error = ?2, finished_at = ?3, updated_at = ?3
-             WHERE file_id = ?1 AND state = 'queued'",
-        )
-        .bind(file_id)
-        .bind(message)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let cancelled = fail_queued(&mut tx, file_id, message, &now).await?;
         let left_running: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(n), 0) FROM item_counts
              WHERE file_id = ?1 AND state IN ('packed', 'submitted', 'in_flight')",
@@ -151,6 +142,26 @@ async fn bump_generation(conn: &mut SqliteConnection) -> Result<(), StoreError> 
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Fails the queued items of one file with `message`; returns how many there were.
+pub(super) async fn fail_queued(
+    conn: &mut SqliteConnection,
+    file_id: i64,
+    message: &str,
+    now: &str,
+) -> Result<u64, StoreError> {
+    let failed = sqlx::query(
+        "UPDATE work_items SET state = 'failed', error = ?2, finished_at = ?3, updated_at = ?3
+         WHERE file_id = ?1 AND state = 'queued'",
+    )
+    .bind(file_id)
+    .bind(message)
+    .bind(now)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(failed)
 }
 
 #[cfg(test)]
