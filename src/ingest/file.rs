@@ -13,6 +13,7 @@ use super::read::{Checked, CheckedLines, GROUP_ROWS, ReadPlan, Stop};
 use crate::config::PathsConfig;
 use crate::models::Catalogue;
 use crate::store::{Added, FileIngest, FileTotals, NewFile, NewItem, SeenIds, Store};
+use crate::wake::Signal;
 
 /// At most this many line errors are listed in a report; the count covers them all.
 const MAX_REPORTED_ERRORS: usize = 1000;
@@ -273,6 +274,7 @@ pub(super) async fn hash_file(path: &Path) -> Result<String, IngestError> {
 }
 
 /// Ingests one file that is complete and sits in the inbox (or its `urgent/` folder).
+/// `queued`, if given, is raised after each committed part that stored items.
 pub async fn ingest_file(
     store: &Store,
     path: &Path,
@@ -280,6 +282,7 @@ pub async fn ingest_file(
     paths: &PathsConfig,
     limits: &FileLimits,
     catalogue: Option<&Catalogue>,
+    queued: Option<&Signal>,
 ) -> Result<Ingested, IngestError> {
     let name = file_name(path);
     let sha256 = hash_file(path).await?;
@@ -348,11 +351,11 @@ pub async fn ingest_file(
         last_committed: skip_through,
     });
     let builder = ReportBuilder::new(path, report);
-    let (file_id, report) =
-        match store_lines(ingest, lines, builder, parts, &sha256, limits).await? {
-            Stored::Whole { file_id, report } => (file_id, report),
-            Stored::Rejected(report) => return reject(path, paths, report).await,
-        };
+    let stored = store_lines(ingest, lines, builder, parts, &sha256, limits, queued).await?;
+    let (file_id, report) = match stored {
+        Stored::Whole { file_id, report } => (file_id, report),
+        Stored::Rejected(report) => return reject(path, paths, report).await,
+    };
     let moved_to = move_with_report(path, &paths.processed, &report).await?;
     store
         .mark_file_moved(file_id, "processed", &moved_to.display().to_string())
@@ -384,6 +387,7 @@ async fn store_lines<'a>(
     mut parts: Option<Parts>,
     sha256: &str,
     limits: &FileLimits,
+    queued: Option<&Signal>,
 ) -> Result<Stored, IngestError> {
     while let Some(mut group) = lines.next().await {
         builder.read(&mut group);
@@ -402,6 +406,11 @@ async fn store_lines<'a>(
                 .commit_part(group.last_line, totals(&report, &json))
                 .await?;
             parts.last_committed = group.last_line;
+            if let Some(queued) = queued
+                && report.items > 0
+            {
+                queued.raise();
+            }
         }
     }
     let path = builder.path;
@@ -563,7 +572,7 @@ mod tests {
             commit_lines: 0,
         };
 
-        let done = ingest_file(&store, &path, false, &paths, &limits, None)
+        let done = ingest_file(&store, &path, false, &paths, &limits, None, None)
             .await
             .unwrap();
 

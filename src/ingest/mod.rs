@@ -259,6 +259,7 @@ impl Intake {
             &self.paths,
             &self.limits,
             catalogue,
+            Some(&self.work),
         )
         .await
         {
