@@ -450,14 +450,14 @@ async fn abandon(
     report: &mut Report,
     message: &str,
 ) -> Result<(), IngestError> {
-    let kept = ingest.committed_items();
-    report.items = kept;
-    report.items_failed = report.items_failed.min(kept);
-    if kept > 0
+    let kept_items = ingest.committed_items();
+    report.items = kept_items;
+    report.items_failed = report.items_failed.min(kept_items);
+    if kept_items > 0
         && let Some(reason) = report.reason.take()
     {
         report.reason = Some(format!(
-            "{reason}; the {kept} items of the lines stored before stay: those not yet sent failed, the others run to their end"
+            "{reason}; the {kept_items} items of the lines stored before stay: those not yet sent failed, the others run to their end"
         ));
     }
     let json = serde_json::to_string_pretty(report)?;

@@ -448,14 +448,16 @@ mod tests {
             urgent: false,
         };
 
-        let mut kept = store.begin_file(&new_file("kept.jsonl")).await.unwrap();
+        let mut partial = store.begin_file(&new_file("kept.jsonl")).await.unwrap();
         let part = vec![item(1, "k-1", CHAT, false), item(2, "k-2", CHAT, false)];
-        kept.insert(part).await.unwrap();
-        kept.commit_part(2, totals(2)).await.unwrap();
-        kept.insert(vec![item(3, "k-3", CHAT, false)])
+        partial.insert(part).await.unwrap();
+        partial.commit_part(2, totals(2)).await.unwrap();
+        partial
+            .insert(vec![item(3, "k-3", CHAT, false)])
             .await
             .unwrap();
-        kept.abandon("its input file was rejected", "{}")
+        partial
+            .abandon("its input file was rejected", "{}")
             .await
             .unwrap();
         assert_exact(&store, "abandoned after a part").await;
