@@ -134,7 +134,7 @@ pub struct IngestConfig {
     pub max_file_bytes: u64,
     /// Reject a whole file when any of its lines is bad.
     pub reject_file_on_error: bool,
-    /// A larger file is committed in parts of this many lines; 0 commits each file at once.
+    /// A larger file is committed in parts of this many lines, and 0 commits each file at once.
     pub commit_lines: u64,
     /// Fail items at ingest whose model is not in the provider's catalogue.
     pub check_models: bool,

@@ -130,12 +130,13 @@ impl<'a> ReportBuilder<'a> {
         ReportBuilder { path, report }
     }
 
-    /// Counts a group's lines and records its bad ones.
-    pub fn read(&mut self, group: &mut Checked) {
+    /// Counts a group's lines and records its bad ones. Returns the items of its good ones.
+    pub fn read(&mut self, group: Checked) -> Vec<NewItem> {
         self.report.lines += group.lines;
-        for (line, reason) in std::mem::take(&mut group.errors) {
+        for (line, reason) in group.errors {
             self.record_error(line, reason);
         }
+        group.items
     }
 
     /// Counts an item that was stored.
@@ -214,9 +215,8 @@ pub async fn check_file(path: &Path, limits: &FileLimits) -> Result<Report, Inge
         Report::empty(name.clone(), String::new(), "processed", false),
     );
     let mut seen = SeenIds::open().await?;
-    while let Some(mut group) = lines.next().await {
-        builder.read(&mut group);
-        for item in &group.items {
+    while let Some(group) = lines.next().await {
+        for item in &builder.read(group) {
             match seen.first_line(&item.custom_id, item.line_no).await? {
                 None => builder.accepted(item),
                 Some(first_line) => builder.repeated(item, first_line),
@@ -335,20 +335,21 @@ pub async fn ingest_file(
         }
     };
     let in_parts = limits.commit_lines > 0 && !limits.reject_file_on_error;
+    let parts = in_parts.then_some(Parts {
+        lines: limits.commit_lines,
+        last_committed: skip_through,
+    });
+    let group_lines = match &parts {
+        Some(parts) => GROUP_ROWS.min(parts.lines as usize),
+        None => GROUP_ROWS,
+    };
     let lines = CheckedLines::start(ReadPlan {
         path: path.to_path_buf(),
         urgent,
         limits: *limits,
         catalogue: catalogue.cloned(),
         skip_through,
-        group_lines: match in_parts {
-            true => GROUP_ROWS.min(limits.commit_lines as usize),
-            false => GROUP_ROWS,
-        },
-    });
-    let parts = in_parts.then_some(Parts {
-        lines: limits.commit_lines,
-        last_committed: skip_through,
+        group_lines,
     });
     let builder = ReportBuilder::new(path, report);
     let stored = store_lines(ingest, lines, builder, parts, &sha256, limits, queued).await?;
@@ -379,7 +380,8 @@ enum Stored {
     Rejected(Report),
 }
 
-/// Stores the checked lines of a file, in parts if `parts` is set, then commits the whole file. Returns [`IngestError::Changed`] if the file's content is not the one hashed.
+/// Stores the checked lines of a file, in parts if `parts` is set, then commits the whole file.
+/// Returns [`IngestError::Changed`] if the file's content is not the one hashed.
 async fn store_lines<'a>(
     mut ingest: FileIngest,
     mut lines: CheckedLines,
@@ -389,23 +391,23 @@ async fn store_lines<'a>(
     limits: &FileLimits,
     queued: Option<&Signal>,
 ) -> Result<Stored, IngestError> {
-    while let Some(mut group) = lines.next().await {
-        builder.read(&mut group);
-        let stored = ingest.insert(std::mem::take(&mut group.items)).await?;
+    while let Some(group) = lines.next().await {
+        let last_line = group.last_line;
+        let stored = ingest.insert(builder.read(group)).await?;
         builder.stored(&stored);
         for _ in &stored {
             crate::fault::point("mid-ingest");
         }
         crate::watchdog::progress();
         if let Some(parts) = &mut parts
-            && group.last_line - parts.last_committed >= parts.lines
+            && last_line - parts.last_committed >= parts.lines
         {
             let report = builder.snapshot();
             let json = serde_json::to_string_pretty(&report)?;
             ingest
-                .commit_part(group.last_line, totals(&report, &json))
+                .commit_part(last_line, totals(&report, &json))
                 .await?;
-            parts.last_committed = group.last_line;
+            parts.last_committed = last_line;
             if let Some(queued) = queued
                 && report.items > 0
             {

@@ -1,6 +1,6 @@
 //! Reading and checking the lines of an input file on a task of its own, which hands over the
-//! good lines in groups. Parsing a group then runs while the previous one is inserted, so on
-//! two cores ingest takes about as long as the slower of the two rather than their sum.
+//! good lines in groups. Parsing a group then runs while the previous one is inserted, so the
+//! two can use two cores at once.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -45,7 +45,7 @@ pub struct Checked {
 pub enum Stop {
     /// The file must be rejected for this reason.
     Reject(String),
-    /// Reading failed; the file is tried again at a later scan.
+    /// Reading failed, so the file is tried again at a later scan.
     Failed(IngestError),
 }
 
@@ -55,9 +55,9 @@ pub struct ReadPlan {
     pub path: PathBuf,
     pub urgent: bool,
     pub limits: FileLimits,
-    /// Models to check the lines against; `None` checks none.
+    /// Models to check the lines against, or `None` to check none.
     pub catalogue: Option<Catalogue>,
-    /// Lines up to this number are read, for the hash, but not checked: they were stored.
+    /// The last line already stored. Lines up to it are read for the hash but not checked.
     pub skip_through: u64,
     /// At most this many lines in one group, so that a part can end after any of them.
     pub group_lines: usize,
@@ -124,15 +124,15 @@ async fn read_groups(plan: ReadPlan, sender: mpsc::Sender<Checked>) -> Result<St
         if full {
             group_bytes = 0;
             if sender.send(std::mem::take(&mut group)).await.is_err() {
-                // The file is no longer wanted: its ingest failed or was abandoned.
+                // Nothing takes the groups any more, because the ingest failed or was abandoned.
                 return Err(Stop::Failed(IngestError::Reader(
-                    "the reader's consumer stopped".into(),
+                    "failed to hand over checked lines: the ingest of the file stopped".into(),
                 )));
             }
         }
     }
     if group.lines > 0 {
-        // A closed receiver means the consumer stopped; it does not need the last group then.
+        // A closed receiver means the ingest stopped, and then it does not need the last group.
         let _ = sender.send(group).await;
     }
     input.sha256().await.map_err(Stop::Failed)

@@ -74,7 +74,7 @@ impl FileProgress {
     }
 }
 
-// TODO: ingest runs at a fifth to a quarter of the rate of `sqlite3 .import` on the same lines.
+// TODO: ingest runs at about a quarter of the rate of `sqlite3 .import` on the same lines.
 // Each row goes to the WAL, to the database at the checkpoint and into four indexes. sqlx copies
 // every bound value and runs each statement on a thread of its own. Each line is parsed into a
 // JSON tree and its body written again, and the file is hashed before it is read.
@@ -127,8 +127,8 @@ impl FileIngest {
         totals: FileTotals<'_>,
     ) -> Result<(), StoreError> {
         record_totals(&mut self.tx, self.file_id, totals, Some(last_line)).await?;
-        // The next part runs on the same connection, which leaves the transaction only between
-        // these two statements: other writers get the lock there, and `self.tx` stays open.
+        // Both statements run on this transaction's connection, so `self.tx` stays open. Other
+        // writers get the lock between them.
         sqlx::query("COMMIT").execute(&mut *self.tx).await?;
         sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut *self.tx)
@@ -145,10 +145,10 @@ impl FileIngest {
         Ok(self.file_id)
     }
 
-    /// Gives up on a file that must be rejected after reading began. Without committed parts
-    /// nothing of the file stays. Otherwise the items of the committed parts that were not yet
-    /// sent fail with `message`, the ones already sent run to their end, and the file keeps its
-    /// row, marked rejected with `report`, unless the parts hold no items.
+    /// Rejects a file after reading began. Without committed parts, nothing of it stays.
+    /// Otherwise the unsent items of the committed parts fail with `message`, and the sent ones
+    /// run to their end. The row stays, marked rejected with `report`, unless the parts have no
+    /// items.
     pub async fn abandon(self, message: &str, report: &str) -> Result<(), StoreError> {
         let FileIngest {
             pool,

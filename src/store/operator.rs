@@ -144,7 +144,7 @@ async fn bump_generation(conn: &mut SqliteConnection) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Fails the queued items of one file with `message`; returns how many there were.
+/// Fails the queued items of one file with `message`. Returns how many there were.
 pub(super) async fn fail_queued(
     conn: &mut SqliteConnection,
     file_id: i64,
