@@ -155,6 +155,7 @@ pub async fn run_with_reload(
         Some(reloader) => reloader.subscribe(),
         None => crate::config::fixed_live(&config),
     };
+    let freed = Signal::new();
     let packed = Signal::new();
     let submitted = Signal::new();
     let flush = Signal::new();
@@ -198,7 +199,11 @@ pub async fn run_with_reload(
         &stages,
         &watchdog,
         "pack",
-        packer.run(work.listen(), flush.listen(), cancel.clone()),
+        packer.run(
+            [work.listen(), freed.listen()],
+            flush.listen(),
+            cancel.clone(),
+        ),
     );
 
     let submitter = Submitter::new(
@@ -220,6 +225,7 @@ pub async fn run_with_reload(
         store.clone(),
         provider.clone(),
         config.batch.clone(),
+        freed.clone(),
         work.clone(),
         stored.clone(),
     );

@@ -131,10 +131,16 @@ impl Packer {
         }
     }
 
-    /// Runs until cancelled, packing when `work` is raised (items arrived, or a batch finished
-    /// and freed a place under the in-flight cap), when `flush` is raised (partial batches go
-    /// at once) and when a partial batch reaches its linger time.
-    pub async fn run(self, mut work: Listener, mut flush: Listener, cancel: CancellationToken) {
+    /// Runs until cancelled, packing when `queued` is raised (items arrived or were requeued),
+    /// when `freed` is raised (a batch finished and freed a place under the in-flight cap), when
+    /// `flush` is raised (partial batches go at once) and when a partial batch reaches its
+    /// linger time.
+    pub async fn run(
+        self,
+        [mut queued, mut freed]: [Listener; 2],
+        mut flush: Listener,
+        cancel: CancellationToken,
+    ) {
         let mut force = false;
         loop {
             let packed = {
@@ -151,7 +157,8 @@ impl Packer {
             force = false;
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = work.wait() => {}
+                _ = queued.wait() => {}
+                _ = freed.wait() => {}
                 _ = flush.wait() => force = true,
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(50))) => {}
             }

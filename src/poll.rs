@@ -34,6 +34,9 @@ pub struct Poller {
     unknown_logged: HashSet<String>,
     /// Raised when a job was harvested: a place under the in-flight cap is free again.
     harvested: Signal,
+    /// Raised when a harvest returned items to the queue. Kept apart from `harvested`, which
+    /// only the packer needs, so the real-time workers do not look for work after every job.
+    requeued: Signal,
     /// Raised when results were stored, so the exporter looks for finished input files.
     stored: Signal,
 }
@@ -44,6 +47,7 @@ impl Poller {
         provider: Provider,
         config: BatchConfig,
         harvested: Signal,
+        requeued: Signal,
         stored: Signal,
     ) -> Self {
         Poller {
@@ -52,6 +56,7 @@ impl Poller {
             config,
             unknown_logged: HashSet::new(),
             harvested,
+            requeued,
             stored,
         }
     }
@@ -229,6 +234,9 @@ impl Poller {
         )
         .await?;
         crate::metrics::global().write_took(started.elapsed());
+        if counts.requeued > 0 {
+            self.requeued.raise();
+        }
         if counts.first {
             crate::metrics::global().retries("batch", counts.requeued);
             tracing::info!(

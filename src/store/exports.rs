@@ -4,7 +4,7 @@
 //! The path is committed before the file is written and `exported_at` after it was renamed
 //! into place, so a restart between the two writes the same path again.
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, TryStreamExt};
 use sqlx::Row;
 
 use super::files::file_name_of;
@@ -32,6 +32,9 @@ pub struct ExportRow {
     pub response: Option<String>,
     pub error: Option<String>,
 }
+
+/// Items read per query by [`Store::export_rows`].
+const EXPORT_PAGE: usize = 1000;
 
 impl Store {
     /// Lists processed files that have items, none of them unfinished, and no completed export.
@@ -104,24 +107,62 @@ impl Store {
         &self,
         file_id: i64,
     ) -> impl Stream<Item = Result<ExportRow, StoreError>> + Send + '_ {
-        sqlx::query(
-            "SELECT line_no, custom_id, state, status_code, response, error FROM work_items
-             WHERE file_id = ?1 ORDER BY line_no",
+        futures::stream::try_unfold(Some(0), move |after| async move {
+            let Some(after) = after else {
+                return Ok::<_, StoreError>(None);
+            };
+            let page = self.export_page(file_id, after).await?;
+            let next = match page.last() {
+                Some(last) if page.len() == EXPORT_PAGE => Some(last.line_no),
+                _ => None,
+            };
+            Ok(Some((
+                futures::stream::iter(page.into_iter().map(Ok)),
+                next,
+            )))
+        })
+        .try_flatten()
+    }
+
+    /// Reads the items of a file after line `after`, at most [`EXPORT_PAGE`]. They arrive as
+    /// one JSON array, since each row read separately is a hand-off between the SQLite thread
+    /// and this task. Each page is its own read, so no snapshot is held for the whole export.
+    async fn export_page(&self, file_id: i64, after: u64) -> Result<Vec<ExportRow>, StoreError> {
+        let page: String = sqlx::query_scalar(
+            "SELECT json_group_array(
+                        json_array(line_no, custom_id, state, status_code, response, error)
+                        ORDER BY line_no)
+             FROM (SELECT line_no, custom_id, state, status_code, response, error
+                   FROM work_items WHERE file_id = ?1 AND line_no > ?2
+                   ORDER BY line_no LIMIT ?3)",
         )
         .bind(file_id)
-        .fetch(self.pool())
-        .map(|row| -> Result<ExportRow, StoreError> {
-            let row = row?;
-            Ok(ExportRow {
-                line_no: row.get::<i64, _>("line_no") as u64,
-                custom_id: row.get("custom_id"),
-                state: row.get::<String, _>("state").parse()?,
-                status_code: row
-                    .get::<Option<i64>, _>("status_code")
-                    .and_then(|code| u16::try_from(code).ok()),
-                response: row.get("response"),
-                error: row.get("error"),
-            })
-        })
+        .bind(after as i64)
+        .bind(EXPORT_PAGE as i64)
+        .fetch_one(self.pool())
+        .await?;
+        type Fields = (
+            u64,
+            String,
+            String,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Fields> = super::decode("export page", &page)?;
+        rows.into_iter()
+            .map(
+                |(line_no, custom_id, state, status_code, response, error)| {
+                    Ok(ExportRow {
+                        line_no,
+                        custom_id,
+                        state: state.parse()?,
+                        status_code: status_code.and_then(|code| u16::try_from(code).ok()),
+                        response,
+                        error,
+                    })
+                },
+            )
+            .collect()
     }
 }

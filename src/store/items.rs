@@ -266,16 +266,17 @@ pub(crate) async fn insert_items(
         return Ok(Vec::new());
     }
     let row = format!("({})", vec!["?"; INSERT_COLUMNS].join(", "));
+    // No RETURNING: each returned row is a hand-off between the SQLite thread and the caller,
+    // and when every row went in, the count alone says so.
     let sql = format!(
         "INSERT INTO work_items
              (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
               next_attempt_at, created_at, updated_at, state, error, finished_at)
          VALUES {}
-         ON CONFLICT (file_id, custom_id) DO NOTHING
-         RETURNING line_no",
+         ON CONFLICT (file_id, custom_id) DO NOTHING",
         vec![row; items.len()].join(", ")
     );
-    let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for item in items {
         let failed = item.error.is_some();
         query = query
@@ -294,16 +295,31 @@ pub(crate) async fn insert_items(
             .bind(item.error.as_deref())
             .bind(failed.then_some(now));
     }
-    let inserted: std::collections::HashSet<i64> =
-        query.fetch_all(&mut *conn).await?.into_iter().collect();
-    let mut added = Vec::with_capacity(items.len());
+    let inserted = query.execute(&mut *conn).await?.rows_affected();
+    let added = if inserted == items.len() as u64 {
+        vec![Added::New; items.len()]
+    } else {
+        find_repeats(conn, file_id, items).await?
+    };
     let mut new_counts: BTreeMap<ItemState, u64> = BTreeMap::new();
-    for item in items {
-        if inserted.contains(&(item.line_no as i64)) {
-            added.push(Added::New);
+    for (item, added) in items.iter().zip(&added) {
+        if *added == Added::New {
             *new_counts.entry(stored_state(item)).or_default() += 1;
-            continue;
         }
+    }
+    super::counts::add_inserted(conn, file_id, &new_counts).await?;
+    Ok(added)
+}
+
+/// Tells, after an insert that skipped some of `items`, which ones went in: an item is new when
+/// the row its `custom_id` found is its own line.
+async fn find_repeats(
+    conn: &mut SqliteConnection,
+    file_id: i64,
+    items: &[NewItem],
+) -> Result<Vec<Added>, StoreError> {
+    let mut added = Vec::with_capacity(items.len());
+    for item in items {
         let first: i64 = sqlx::query_scalar(
             "SELECT line_no FROM work_items WHERE file_id = ?1 AND custom_id = ?2",
         )
@@ -311,11 +327,14 @@ pub(crate) async fn insert_items(
         .bind(&item.custom_id)
         .fetch_one(&mut *conn)
         .await?;
-        added.push(Added::Repeat {
-            first_line: first as u64,
+        added.push(if first as u64 == item.line_no {
+            Added::New
+        } else {
+            Added::Repeat {
+                first_line: first as u64,
+            }
         });
     }
-    super::counts::add_inserted(conn, file_id, &new_counts).await?;
     Ok(added)
 }
 
@@ -507,20 +526,23 @@ impl Store {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<PackCandidate>, StoreError> {
-        let rows = sqlx::query(PACK_CANDIDATES)
+        // One row holding them all, instead of one hand-off from the SQLite thread per item.
+        let sql = format!(
+            "SELECT json_group_array(json_array(id, body_bytes) ORDER BY id)
+             FROM ({PACK_CANDIDATES})"
+        );
+        let found: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(timestamp(Utc::now()))
             .bind(&group.endpoint)
             .bind(&group.model)
             .bind(timestamp(cutoff))
             .bind(limit as i64)
-            .fetch_all(self.pool())
+            .fetch_one(self.pool())
             .await?;
-        Ok(rows
+        let pairs: Vec<(i64, u64)> = super::decode("pack candidates", &found)?;
+        Ok(pairs
             .into_iter()
-            .map(|row| PackCandidate {
-                id: row.get("id"),
-                body_bytes: row.get::<i64, _>("body_bytes") as u64,
-            })
+            .map(|(id, body_bytes)| PackCandidate { id, body_bytes })
             .collect())
     }
 
@@ -550,13 +572,21 @@ impl Store {
 
     /// Lists the user-visible request of every item in a batch, in item order.
     pub async fn batch_requests(&self, batch_id: i64) -> Result<Vec<(i64, String)>, StoreError> {
-        let rows = sqlx::query("SELECT id, body FROM work_items WHERE batch_id = ?1 ORDER BY id")
-            .bind(batch_id)
-            .fetch_all(self.pool())
-            .await?;
-        Ok(rows
+        // One row for the whole batch: the ids as a JSON array and the bodies one to a line
+        // (a stored body is compact JSON, so it holds no newline).
+        let row = sqlx::query(
+            "SELECT json_group_array(id ORDER BY id) AS ids,
+                    group_concat(body, char(10) ORDER BY id) AS bodies
+             FROM work_items WHERE batch_id = ?1",
+        )
+        .bind(batch_id)
+        .fetch_one(self.pool())
+        .await?;
+        let ids: Vec<i64> = super::decode("batch item ids", row.get("ids"))?;
+        let bodies: String = row.get::<Option<String>, _>("bodies").unwrap_or_default();
+        Ok(ids
             .into_iter()
-            .map(|r| (r.get("id"), r.get("body")))
+            .zip(bodies.split('\n').map(str::to_string))
             .collect())
     }
 }
@@ -790,6 +820,7 @@ mod tests {
     use super::*;
     use crate::store::FileTotals;
     use crate::store::plan_tests::{assert_searches, plan};
+    use futures::TryStreamExt;
 
     const CHAT: &str = "/v1/chat/completions";
 
@@ -820,8 +851,10 @@ mod tests {
                 deadline: None,
                 error: None,
             })
-            .collect();
-        ingest.insert(items).await.unwrap();
+            .collect::<Vec<_>>();
+        for group in items.chunks(200) {
+            ingest.insert(group.to_vec()).await.unwrap();
+        }
         let totals = FileTotals {
             lines: 0,
             items: 0,
@@ -832,6 +865,69 @@ mod tests {
     }
 
     const TIMES: [&str; 3] = ["2026-01-01T00:00:00.000Z", "[]", "2026-01-02T00:00:00.000Z"];
+
+    fn item_with_id(line_no: u64, custom_id: &str) -> NewItem {
+        NewItem {
+            line_no,
+            custom_id: custom_id.into(),
+            endpoint: CHAT.into(),
+            model: "m".into(),
+            body: "{}".into(),
+            urgent: false,
+            deadline: None,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn insert_finds_repeated_custom_ids() {
+        let (_dir, store) = open_store().await;
+        let file = super::super::NewFile {
+            name: "in.jsonl".into(),
+            sha256: "repeats".into(),
+            urgent: false,
+        };
+        let mut ingest = store.begin_file(&file).await.unwrap();
+        let outcomes = |added: Vec<(NewItem, Added)>| -> Vec<Added> {
+            added.into_iter().map(|(_, added)| added).collect()
+        };
+        let first = ingest
+            .insert(vec![
+                item_with_id(1, "a"),
+                item_with_id(2, "b"),
+                item_with_id(3, "a"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes(first),
+            [Added::New, Added::New, Added::Repeat { first_line: 1 }]
+        );
+        let second = ingest
+            .insert(vec![item_with_id(4, "b"), item_with_id(5, "c")])
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes(second),
+            [Added::Repeat { first_line: 2 }, Added::New]
+        );
+        let clean = ingest
+            .insert(vec![item_with_id(6, "d"), item_with_id(7, "e")])
+            .await
+            .unwrap();
+        assert_eq!(outcomes(clean), [Added::New, Added::New]);
+    }
+
+    #[tokio::test]
+    async fn export_rows_span_pages_in_line_order() {
+        let (_dir, store) = open_store().await;
+        add_items(&store, &vec![(CHAT, "m", false); 2345]).await;
+        let rows: Vec<_> = store.export_rows(1).try_collect().await.unwrap();
+        let lines: Vec<u64> = rows.iter().map(|row| row.line_no).collect();
+        assert_eq!(lines, (1..=2345).collect::<Vec<u64>>());
+        assert_eq!(rows[2344].custom_id, "r2344");
+        assert!(rows.iter().all(|row| row.state == ItemState::Queued));
+    }
 
     #[tokio::test]
     async fn realtime_candidates_search_indexes_without_scanning_the_queue() {

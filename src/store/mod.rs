@@ -46,6 +46,19 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("database holds an unknown {kind} {value:?}: was it written by a newer batchd?")]
     UnknownValue { kind: &'static str, value: String },
+    #[error("failed to decode {subject} read from the database as JSON: {source}")]
+    Decode {
+        subject: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+/// Decodes the JSON array a query built with `json_group_array` to return many rows as one.
+fn decode<T: serde::de::DeserializeOwned>(
+    subject: &'static str,
+    json: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|source| StoreError::Decode { subject, source })
 }
 
 /// The database handle shared by every stage.
