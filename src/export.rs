@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_util::sync::CancellationToken;
 
@@ -80,7 +80,7 @@ pub struct ExportLine<'a> {
 #[derive(Debug, Serialize)]
 pub struct ExportResponse {
     pub status_code: u16,
-    pub body: Value,
+    pub body: Box<RawValue>,
 }
 
 /// The reason an item failed.
@@ -93,8 +93,12 @@ pub struct ExportLineError<'a> {
 /// Builds the export line of one item, in the provider's batch output line format.
 pub fn export_line(row: &ExportRow) -> ExportLine<'_> {
     let body = row.response.as_deref().map(|text| {
-        // Stored responses are JSON the provider sent; anything else is kept as a string.
-        serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()))
+        // Stored responses are JSON the provider sent, written out as they are. Anything else
+        // is kept as a string.
+        RawValue::from_string(text.to_string()).unwrap_or_else(|_| {
+            let quoted = serde_json::to_string(text).expect("strings serialize");
+            RawValue::from_string(quoted).expect("a JSON string is valid JSON")
+        })
     });
     let response = match (row.status_code, body) {
         (Some(status_code), Some(body)) => Some(ExportResponse { status_code, body }),
@@ -300,7 +304,7 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn line_of(row: &ExportRow) -> Value {
         serde_json::to_value(export_line(row)).unwrap()

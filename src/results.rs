@@ -336,8 +336,8 @@ fn success_of(item_id: i64, line: &ResultLine) -> Option<Success> {
     Some(Success {
         item_id,
         status_code: response.status_code,
-        response: response.body.to_string(),
-        usage: Usage::from_body(&response.body),
+        response: response.body_text().to_string(),
+        usage: Usage::from_body_text(response.body_text()),
     })
 }
 
@@ -355,7 +355,7 @@ async fn write_line(
         .as_ref()
         .filter(|_| line.error_message().is_none())
     {
-        let body = response.body.to_string();
+        let body = response.body_text();
         let status = response.status_code;
         let message = format!("provider returned HTTP {status}: {body}");
         if status == 429 || status == 408 || status >= 500 {
@@ -370,7 +370,7 @@ async fn write_line(
             &ItemOutcome {
                 state: ItemState::Failed,
                 status_code: Some(status),
-                response: Some(&body),
+                response: Some(body),
                 error: Some(&message),
                 usage: Usage::default(),
                 model_used: None,

@@ -130,8 +130,16 @@ pub struct ResultLine {
 #[derive(Debug, Clone, Deserialize)]
 pub struct LineResponse {
     pub status_code: u16,
+    /// The body exactly as the provider wrote it. It is stored as text, so it is not parsed.
     #[serde(default)]
-    pub body: serde_json::Value,
+    pub body: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl LineResponse {
+    /// Returns the body's JSON text, `null` when the line has none.
+    pub fn body_text(&self) -> &str {
+        self.body.as_deref().map_or("null", |body| body.get())
+    }
 }
 
 impl ResultLine {

@@ -34,7 +34,7 @@ pub struct ExportRow {
 }
 
 /// Items read per query by [`Store::export_rows`].
-const EXPORT_PAGE: usize = 1000;
+const EXPORT_PAGE: usize = 200;
 
 impl Store {
     /// Lists processed files that have items, none of them unfinished, and no completed export.

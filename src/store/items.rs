@@ -131,7 +131,23 @@ pub struct Usage {
 impl Usage {
     /// Reads the OpenAI-style `usage` object of a response body.
     pub fn from_body(body: &serde_json::Value) -> Usage {
-        let usage = &body["usage"];
+        Usage::from_usage(&body["usage"])
+    }
+
+    /// Reads the `usage` object of a response body given as JSON text, without building the
+    /// rest of the body.
+    pub fn from_body_text(body: &str) -> Usage {
+        #[derive(serde::Deserialize)]
+        struct WithUsage {
+            #[serde(default)]
+            usage: serde_json::Value,
+        }
+        serde_json::from_str::<WithUsage>(body)
+            .map(|body| Usage::from_usage(&body.usage))
+            .unwrap_or_default()
+    }
+
+    fn from_usage(usage: &serde_json::Value) -> Usage {
         Usage {
             prompt_tokens: usage["prompt_tokens"].as_i64(),
             completion_tokens: usage["completion_tokens"].as_i64(),
