@@ -122,9 +122,10 @@ impl Store {
         let upload_name = format!("batchd-{:016x}.jsonl", rand::random::<u64>());
         let ids = serde_json::to_string(&batch.item_ids).expect("ids serialize");
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let batch_id: i64 = sqlx::query_scalar(
+        // The new row comes back whole, so the caller gets it without another query.
+        let row = sqlx::query(
             "INSERT INTO batches (endpoint, model, state, item_count, bytes, upload_name, created_at)
-             VALUES (?1, ?2, 'packed', ?3, ?4, ?5, ?6) RETURNING id",
+             VALUES (?1, ?2, 'packed', ?3, ?4, ?5, ?6) RETURNING *",
         )
         .bind(&batch.endpoint)
         .bind(&batch.model)
@@ -134,11 +135,12 @@ impl Store {
         .bind(&now)
         .fetch_one(&mut *tx)
         .await?;
+        let mut created = batch_row(row)?;
         let packed = sqlx::query(
             "UPDATE work_items SET state = 'packed', batch_id = ?1, updated_at = ?2
              WHERE id IN (SELECT value FROM json_each(?3)) AND state = 'queued'",
         )
-        .bind(batch_id)
+        .bind(created.id)
         .bind(&now)
         .bind(&ids)
         .execute(&mut *tx)
@@ -148,13 +150,16 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         }
-        sqlx::query("UPDATE batches SET item_count = ?2 WHERE id = ?1")
-            .bind(batch_id)
-            .bind(packed as i64)
-            .execute(&mut *tx)
-            .await?;
+        if packed != created.item_count {
+            sqlx::query("UPDATE batches SET item_count = ?2 WHERE id = ?1")
+                .bind(created.id)
+                .bind(packed as i64)
+                .execute(&mut *tx)
+                .await?;
+            created.item_count = packed;
+        }
         tx.commit().await?;
-        self.batch(batch_id).await
+        Ok(Some(created))
     }
 
     pub async fn batch(&self, batch_id: i64) -> Result<Option<BatchRow>, StoreError> {

@@ -74,7 +74,7 @@ impl FileProgress {
     }
 }
 
-// TODO: ingest runs at about a quarter of the rate of `sqlite3 .import` on the same lines.
+// TODO: ingest runs at about a third of the rate of `sqlite3 .import` on the same lines.
 // Each row goes to the WAL, to the database at the checkpoint and into four indexes. sqlx copies
 // every bound value and runs each statement on a thread of its own. Each line is parsed into a
 // JSON tree and its body written again, and the file is hashed before it is read.
