@@ -131,10 +131,9 @@ impl Packer {
         }
     }
 
-    /// Runs until cancelled, packing when `queued` is raised (items arrived or were requeued),
-    /// when `freed` is raised (a batch finished and freed a place under the in-flight cap), when
-    /// `flush` is raised (partial batches go at once) and when a partial batch reaches its
-    /// linger time.
+    /// Runs until cancelled. Packs when `queued` is raised (items arrived or were requeued) and
+    /// when `freed` is raised (a finished batch freed a place under the in-flight cap). Packs
+    /// partial batches at once when `flush` is raised, and each when it reaches its linger time.
     pub async fn run(
         self,
         [mut queued, mut freed]: [Listener; 2],

@@ -125,7 +125,7 @@ impl Store {
     }
 
     /// Reads the items of a file after line `after`, at most [`EXPORT_PAGE`]. They arrive as
-    /// one JSON array, since each row read separately is a hand-off between the SQLite thread
+    /// one JSON array, because each row read separately is a hand-off between the SQLite thread
     /// and this task. Each page is its own read, so no snapshot is held for the whole export.
     async fn export_page(&self, file_id: i64, after: u64) -> Result<Vec<ExportRow>, StoreError> {
         let page: String = sqlx::query_scalar(

@@ -282,8 +282,8 @@ pub(crate) async fn insert_items(
         return Ok(Vec::new());
     }
     let row = format!("({})", vec!["?"; INSERT_COLUMNS].join(", "));
-    // No RETURNING: each returned row is a hand-off between the SQLite thread and the caller,
-    // and when every row went in, the count alone says so.
+    // No RETURNING clause, because each returned row is a hand-off between the SQLite thread
+    // and the caller. When every row was inserted, the row count shows it.
     let sql = format!(
         "INSERT INTO work_items
              (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
@@ -327,8 +327,8 @@ pub(crate) async fn insert_items(
     Ok(added)
 }
 
-/// Tells, after an insert that skipped some of `items`, which ones went in: an item is new when
-/// the row its `custom_id` found is its own line.
+/// Finds which of `items` an insert that skipped some of them stored. An item was stored when
+/// the row found by its `custom_id` has the item's own line number.
 async fn find_repeats(
     conn: &mut SqliteConnection,
     file_id: i64,
@@ -542,7 +542,8 @@ impl Store {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<PackCandidate>, StoreError> {
-        // One row holding them all, instead of one hand-off from the SQLite thread per item.
+        // All candidates come back in one row, instead of one hand-off from the SQLite thread
+        // per item.
         let sql = format!(
             "SELECT json_group_array(json_array(id, body_bytes) ORDER BY id)
              FROM ({PACK_CANDIDATES})"
@@ -589,7 +590,7 @@ impl Store {
     /// Lists the user-visible request of every item in a batch, in item order.
     pub async fn batch_requests(&self, batch_id: i64) -> Result<Vec<(i64, String)>, StoreError> {
         // One row for the whole batch: the ids as a JSON array and the bodies one to a line
-        // (a stored body is compact JSON, so it holds no newline).
+        // (a stored body is compact JSON, so it contains no newline).
         let row = sqlx::query(
             "SELECT json_group_array(id ORDER BY id) AS ids,
                     group_concat(body, char(10) ORDER BY id) AS bodies
