@@ -284,6 +284,15 @@ pub async fn run_with_reload(
         "status",
         report_status(store.clone(), cancel.clone()),
     );
+    let writes = [&work, &freed, &packed, &submitted, &stored]
+        .map(Signal::listen)
+        .into();
+    spawn_stage(
+        &stages,
+        &watchdog,
+        "checkpoint",
+        crate::checkpoint::run(store.clone(), writes, cancel.clone()),
+    );
     if let Some(listener) = metrics_listener {
         let serve = crate::metrics::serve(listener, store.clone(), cancel.clone());
         spawn_stage(&stages, &watchdog, "metrics", serve);

@@ -13,12 +13,14 @@
 //! - [`realtime`]: send urgent and unbatchable items as rate-limited calls with retries.
 //! - [`results`]: write outcomes and their state changes in one transaction.
 //! - [`export`]: write each finished input file's results to the outbox, once.
+//! - [`checkpoint`]: copy SQLite's write-ahead log into the database after writes.
 //! - [`daemon`]: run the stages as named tasks under one cancellation token.
 //!
 //! Beside them: [`provider`] is the Together HTTP client, [`models`] its model catalogue, [`simulate`] a local Together API
 //! simulator for tests and the demo, [`logging`] the log output, [`reload`] the SIGHUP reload,
 //! and [`cli`] the commands that read the database.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod daemon;

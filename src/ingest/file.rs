@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use super::IngestError;
 use super::read::{Checked, CheckedLines, GROUP_ROWS, ReadPlan, Stop};
@@ -253,18 +252,26 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Returns the hex SHA-256 of a file's bytes as stored, read in chunks.
+/// Returns the hex SHA-256 of a file's bytes as stored. The file is read on a blocking thread in
+/// large chunks, because each read of an async file is a hand-off to such a thread anyway.
 pub(super) async fn hash_file(path: &Path) -> Result<String, IngestError> {
-    let mut file = tokio::fs::File::open(path)
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || hash_file_blocking(&owned))
         .await
-        .map_err(|e| IngestError::io("open", path, e))?;
+        .map_err(|e| IngestError::Reader(e.to_string()))?
+}
+
+fn hash_file_blocking(path: &Path) -> Result<String, IngestError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| IngestError::io("open", path, e))?;
     let mut hasher = Sha256::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 1 << 20];
     loop {
-        let n = file
-            .read(&mut chunk)
-            .await
-            .map_err(|e| IngestError::io("read", path, e))?;
+        let n = match file.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(IngestError::io("read", path, e)),
+        };
         if n == 0 {
             break;
         }

@@ -16,9 +16,11 @@ use super::parse::parse_line;
 use crate::models::{Catalogue, ModelCheck};
 use crate::store::NewItem;
 
-/// At most this many items are handed over in one group. A row costs a few microseconds to
-/// insert, while each statement costs tens, so each group is inserted with one statement.
-pub const GROUP_ROWS: usize = 200;
+/// At most this many items are handed over in one group, and each group is inserted with one
+/// statement. SQLite's thread sits idle between two statements while the next one is bound,
+/// so fewer, larger statements keep it busier: a million lines took 7.5 s in groups of 200 and
+/// 6.7 s in groups of 500. Groups of 1,000 were no faster and raised the peak RSS by 10 MiB.
+pub const GROUP_ROWS: usize = 500;
 
 /// Body bytes in one group regardless of the row count, which bounds the memory of a group to
 /// this plus one line.

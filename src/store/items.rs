@@ -268,19 +268,33 @@ fn stored_state(item: &NewItem) -> ItemState {
 /// Columns bound per item by [`insert_items`].
 const INSERT_COLUMNS: usize = 14;
 
-/// Inserts `items` of one file in one statement, skipping those whose `custom_id` the file
-/// already has, and adds the stored rows to `item_counts`. Returns what happened to each item,
-/// in order. Items repeating an earlier item of the same call are repeats too, because SQLite
-/// inserts the rows in order.
+/// The most items [`insert_items`] puts in one statement, within SQLite's limit of 32,766
+/// parameters.
+const MAX_INSERT_ITEMS: usize = 2000;
+
+/// Inserts `items` of one file, in statements of up to [`MAX_INSERT_ITEMS`], skipping those
+/// whose `custom_id` the file already has, and adds the stored rows to `item_counts`. Returns
+/// what happened to each item, in order. Items repeating an earlier item of the same call are
+/// repeats too, because SQLite inserts the rows in order.
 pub(crate) async fn insert_items(
     conn: &mut SqliteConnection,
     file_id: i64,
     items: &[NewItem],
     now: &str,
 ) -> Result<Vec<Added>, StoreError> {
-    if items.is_empty() {
-        return Ok(Vec::new());
+    let mut added = Vec::with_capacity(items.len());
+    for chunk in items.chunks(MAX_INSERT_ITEMS) {
+        added.extend(insert_chunk(conn, file_id, chunk, now).await?);
     }
+    Ok(added)
+}
+
+async fn insert_chunk(
+    conn: &mut SqliteConnection,
+    file_id: i64,
+    items: &[NewItem],
+    now: &str,
+) -> Result<Vec<Added>, StoreError> {
     let row = format!("({})", vec!["?"; INSERT_COLUMNS].join(", "));
     // No RETURNING clause, because each returned row is a hand-off between the SQLite thread
     // and the caller. When every row was inserted, the row count shows it.
@@ -869,9 +883,7 @@ mod tests {
                 error: None,
             })
             .collect::<Vec<_>>();
-        for group in items.chunks(200) {
-            ingest.insert(group.to_vec()).await.unwrap();
-        }
+        ingest.insert(items).await.unwrap();
         let totals = FileTotals {
             lines: 0,
             items: 0,
@@ -933,6 +945,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcomes(clean), [Added::New, Added::New]);
+    }
+
+    #[tokio::test]
+    async fn insert_larger_than_one_statement_keeps_every_outcome() {
+        let (_dir, store) = open_store().await;
+        let file = super::super::NewFile {
+            name: "in.jsonl".into(),
+            sha256: "large".into(),
+            urgent: false,
+        };
+        let mut ingest = store.begin_file(&file).await.unwrap();
+        let count = MAX_INSERT_ITEMS + 10;
+        let mut items: Vec<NewItem> = (1..=count as u64)
+            .map(|line| item_with_id(line, &format!("id{line}")))
+            .collect();
+        // The last line repeats the first, so the repeat is found across two statements.
+        items.push(item_with_id(count as u64 + 1, "id1"));
+        let added: Vec<Added> = ingest
+            .insert(items)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, added)| added)
+            .collect();
+        assert_eq!(added.len(), count + 1);
+        assert!(added[..count].iter().all(|a| *a == Added::New));
+        assert_eq!(added[count], Added::Repeat { first_line: 1 });
     }
 
     #[tokio::test]

@@ -61,6 +61,21 @@ fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_str(json).map_err(|source| StoreError::Decode { subject, source })
 }
 
+/// Bytes the WAL file is truncated to when the log starts over after a checkpoint.
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
+
+/// The outcome of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// True when another checkpoint was running, so this one did nothing.
+    pub blocked: bool,
+    /// Frames in the write-ahead log.
+    pub wal_frames: u64,
+    /// Frames of the log now copied into the database. Frames past these are still needed
+    /// by a reader and wait for the next checkpoint.
+    pub copied_frames: u64,
+}
+
 /// The database handle shared by every stage.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -81,6 +96,10 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
 
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
+    ///
+    /// Commits never copy the write-ahead log back into the database themselves: a running
+    /// daemon does that on its checkpoint stage through [`Store::checkpoint`], and SQLite does
+    /// it when the last connection to the database closes.
     pub async fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // A missing parent directory is the usual first-run mistake, so create it.
@@ -92,9 +111,20 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            // Takes effect only when the database is created; retention then returns freed pages.
-            .auto_vacuum(SqliteAutoVacuum::Incremental)
-            .busy_timeout(Duration::from_secs(30));
+            .busy_timeout(Duration::from_secs(30))
+            // A checkpoint leaves the WAL file at its largest size, which after a million-line
+            // ingest is over a gigabyte; the next reset of the log truncates it to this.
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
+            .pragma("wal_autocheckpoint", "0");
+        // Auto-vacuum takes effect only when the database is created; retention then returns
+        // freed pages. On an existing database, setting it is a write, and that write would
+        // run before `wal_autocheckpoint = 0` and copy a large log on every open.
+        let is_new = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+        let options = if is_new {
+            options.auto_vacuum(SqliteAutoVacuum::Incremental)
+        } else {
+            options
+        };
         // TODO: statement journals larger than SQLite's 64 KiB default go to a temporary file,
         // so every batch's state change in a transaction writes one. That measured about 15% of
         // the CPU time per item. `temp_store = MEMORY` removes that cost, but then a bulk
@@ -120,6 +150,20 @@ impl Store {
             });
         }
         Self::open(path).await
+    }
+
+    /// Copies the write-ahead log back into the database as far as no reader still needs it,
+    /// without waiting for readers or blocking writers (a passive checkpoint).
+    pub async fn checkpoint(&self) -> Result<Checkpointed, StoreError> {
+        let (busy, wal_frames, copied_frames): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(Checkpointed {
+            blocked: busy != 0,
+            wal_frames: wal_frames.max(0) as u64,
+            copied_frames: copied_frames.max(0) as u64,
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
