@@ -112,7 +112,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_raised_signal_leads_to_a_checkpoint_after_the_gather_time() {
+    async fn checkpoint_runs_the_gather_time_after_a_signal() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
         write_rows(&store, 200).await;

@@ -268,8 +268,8 @@ fn stored_state(item: &NewItem) -> ItemState {
 /// Columns bound per item by [`insert_items`].
 const INSERT_COLUMNS: usize = 14;
 
-/// The most items [`insert_items`] puts in one statement, within SQLite's limit of 32,766
-/// parameters.
+/// At most this many items go into one statement of [`insert_items`], within SQLite's limit of
+/// 32,766 parameters.
 const MAX_INSERT_ITEMS: usize = 2000;
 
 /// Inserts `items` of one file, in statements of up to [`MAX_INSERT_ITEMS`], skipping those

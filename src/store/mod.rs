@@ -112,8 +112,8 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30))
-            // A checkpoint leaves the WAL file at its largest size, which after a million-line
-            // ingest is over a gigabyte; the next reset of the log truncates it to this.
+            // A checkpoint leaves the WAL file at its largest size: over a gigabyte after a
+            // million-line ingest. The next reset of the log truncates it to this.
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .pragma("wal_autocheckpoint", "0");
         // Auto-vacuum takes effect only when the database is created; retention then returns
