@@ -21,8 +21,8 @@ pub const GATHER: Duration = Duration::from_secs(1);
 /// Interval of the checkpoint when no stage reports writes, for writes that raise no signal.
 pub const FALLBACK_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Runs until cancelled: a checkpoint `GATHER` after any of `writes` is raised, and at least
-/// every `FALLBACK_INTERVAL`.
+/// Runs a checkpoint `GATHER` after any of `writes` is raised, and at least every
+/// `FALLBACK_INTERVAL`, until cancelled.
 pub async fn run(store: Store, mut writes: Vec<Listener>, cancel: CancellationToken) {
     loop {
         tokio::select! {
@@ -44,7 +44,7 @@ pub async fn run(store: Store, mut writes: Vec<Listener>, cancel: CancellationTo
             ),
             Err(error) => tracing::warn!(
                 %error,
-                "failed to copy the write-ahead log into the database; trying again after the next write"
+                "failed to copy the write-ahead log into the database (check the free space beside it); trying again after the next write"
             ),
         }
     }
@@ -63,11 +63,18 @@ mod tests {
     use super::*;
     use crate::wake::Signal;
 
-    /// Size of the database file itself, which only a checkpoint writes to in WAL mode.
+    /// Returns the size of the database file itself, which in WAL mode grows only when a
+    /// checkpoint copies the log into it.
     fn main_file_bytes(dir: &tempfile::TempDir) -> u64 {
         std::fs::metadata(dir.path().join("batchd.db"))
             .unwrap()
             .len()
+    }
+
+    async fn open_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        (dir, store)
     }
 
     async fn write_rows(store: &Store, rows: usize) {
@@ -86,8 +93,7 @@ mod tests {
 
     #[tokio::test]
     async fn commits_leave_the_log_to_the_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        let (dir, store) = open_store().await;
         let before = main_file_bytes(&dir);
         // 1,500 pages, past the 1,000 at which SQLite would checkpoint by itself.
         write_rows(&store, 1500).await;
@@ -102,8 +108,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_the_last_connection_copies_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        let (dir, store) = open_store().await;
         let before = main_file_bytes(&dir);
         write_rows(&store, 1500).await;
         store.close().await;
@@ -113,8 +118,7 @@ mod tests {
 
     #[tokio::test]
     async fn checkpoint_runs_the_gather_time_after_a_signal() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        let (dir, store) = open_store().await;
         write_rows(&store, 200).await;
         let before = main_file_bytes(&dir);
         // Paused only now, so that opening the pool ran on the real clock.

@@ -895,6 +895,21 @@ mod tests {
 
     const TIMES: [&str; 3] = ["2026-01-01T00:00:00.000Z", "[]", "2026-01-02T00:00:00.000Z"];
 
+    /// Starts storing a file named `in.jsonl` whose content hashes to `sha256`.
+    async fn begin_file(store: &Store, sha256: &str) -> super::super::FileIngest {
+        let file = super::super::NewFile {
+            name: "in.jsonl".into(),
+            sha256: sha256.into(),
+            urgent: false,
+        };
+        store.begin_file(&file).await.unwrap()
+    }
+
+    /// Returns the outcome of each item an insert was given.
+    fn outcomes(added: Vec<(NewItem, Added)>) -> Vec<Added> {
+        added.into_iter().map(|(_, added)| added).collect()
+    }
+
     fn item_with_id(line_no: u64, custom_id: &str) -> NewItem {
         NewItem {
             line_no,
@@ -911,15 +926,7 @@ mod tests {
     #[tokio::test]
     async fn insert_finds_repeated_custom_ids() {
         let (_dir, store) = open_store().await;
-        let file = super::super::NewFile {
-            name: "in.jsonl".into(),
-            sha256: "repeats".into(),
-            urgent: false,
-        };
-        let mut ingest = store.begin_file(&file).await.unwrap();
-        let outcomes = |added: Vec<(NewItem, Added)>| -> Vec<Added> {
-            added.into_iter().map(|(_, added)| added).collect()
-        };
+        let mut ingest = begin_file(&store, "repeats").await;
         let first = ingest
             .insert(vec![
                 item_with_id(1, "a"),
@@ -950,25 +957,14 @@ mod tests {
     #[tokio::test]
     async fn insert_larger_than_one_statement_keeps_every_outcome() {
         let (_dir, store) = open_store().await;
-        let file = super::super::NewFile {
-            name: "in.jsonl".into(),
-            sha256: "large".into(),
-            urgent: false,
-        };
-        let mut ingest = store.begin_file(&file).await.unwrap();
+        let mut ingest = begin_file(&store, "large").await;
         let count = MAX_INSERT_ITEMS + 10;
         let mut items: Vec<NewItem> = (1..=count as u64)
             .map(|line| item_with_id(line, &format!("id{line}")))
             .collect();
         // The last line repeats the first, so the repeat is found across two statements.
         items.push(item_with_id(count as u64 + 1, "id1"));
-        let added: Vec<Added> = ingest
-            .insert(items)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(_, added)| added)
-            .collect();
+        let added = outcomes(ingest.insert(items).await.unwrap());
         assert_eq!(added.len(), count + 1);
         assert!(added[..count].iter().all(|a| *a == Added::New));
         assert_eq!(added[count], Added::Repeat { first_line: 1 });

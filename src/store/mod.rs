@@ -67,7 +67,8 @@ const WAL_SIZE_LIMIT: u64 = 64 << 20;
 /// The outcome of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checkpointed {
-    /// True when another checkpoint was running, so this one did nothing.
+    /// True when the checkpoint could not run, for example because another connection was
+    /// copying the log. The frame counts are then 0.
     pub blocked: bool,
     /// Frames in the write-ahead log.
     pub wal_frames: u64,
@@ -116,9 +117,9 @@ impl Store {
             // million-line ingest. The next reset of the log truncates it to this.
             .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
             .pragma("wal_autocheckpoint", "0");
-        // Auto-vacuum takes effect only when the database is created; retention then returns
-        // freed pages. On an existing database, setting it is a write, and that write would
-        // run before `wal_autocheckpoint = 0` and copy a large log on every open.
+        // Auto-vacuum, which lets retention return freed pages, takes effect only when the
+        // database is created. On an existing database, setting it is a write that runs before
+        // `wal_autocheckpoint = 0`, so every open would copy a large log.
         let is_new = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
         let options = if is_new {
             options.auto_vacuum(SqliteAutoVacuum::Incremental)
