@@ -1,17 +1,20 @@
-//! Ingesting one complete input file: hash it, skip it if its content was stored before, insert
-//! its good lines as work items, write the report, and move it out of the inbox only after the
-//! last commit. A large file is committed in parts; a restart reads on after the last part.
+//! Ingesting one complete input file: insert its good lines as work items while it is hashed,
+//! roll back if the hash shows content stored before, write the report, and move the file out
+//! of the inbox only after the last commit. A large file is committed in parts; a restart reads
+//! on after the last part.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::IngestError;
+use super::hash::{ContentHash, hash_file};
 use super::read::{Checked, CheckedLines, GROUP_ROWS, ReadPlan, Stop};
 use crate::config::PathsConfig;
 use crate::models::Catalogue;
-use crate::store::{Added, FileIngest, FileTotals, NewFile, NewItem, SeenIds, Store};
+use crate::store::{
+    Added, BoundItems, FileIngest, FileTotals, ItemBinder, NewFile, NewItem, SeenIds, Store,
+};
 use crate::wake::Signal;
 
 /// At most this many line errors are listed in a report; the count covers them all.
@@ -252,34 +255,6 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Returns the hex SHA-256 of a file's bytes as stored. The file is read on a blocking thread in
-/// large chunks, because each read of an async file is a hand-off to such a thread anyway.
-pub(super) async fn hash_file(path: &Path) -> Result<String, IngestError> {
-    let owned = path.to_path_buf();
-    tokio::task::spawn_blocking(move || hash_file_blocking(&owned))
-        .await
-        .map_err(|e| IngestError::Reader(e.to_string()))?
-}
-
-fn hash_file_blocking(path: &Path) -> Result<String, IngestError> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| IngestError::io("open", path, e))?;
-    let mut hasher = Sha256::new();
-    let mut chunk = vec![0u8; 1 << 20];
-    loop {
-        let n = match file.read(&mut chunk) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(IngestError::io("read", path, e)),
-        };
-        if n == 0 {
-            break;
-        }
-        hasher.update(&chunk[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
 /// Ingests one file that is complete and sits in the inbox (or its `urgent/` folder).
 /// `queued`, if given, is raised after each committed part that stored items.
 pub async fn ingest_file(
@@ -292,8 +267,37 @@ pub async fn ingest_file(
     queued: Option<&Signal>,
 ) -> Result<Ingested, IngestError> {
     let name = file_name(path);
-    let sha256 = hash_file(path).await?;
+    let file = Ingest {
+        store,
+        path,
+        name: &name,
+        urgent,
+        paths,
+        limits,
+        catalogue,
+        queued,
+    };
+    if too_big(path, limits.max_file_bytes).await?.is_none() {
+        // The file is read while it is hashed, and nothing of it is committed before the hash
+        // shows whether its content was stored before. Usually it was not. If it was, or a
+        // restart finds it stored in part, the transaction is rolled back and the file taken
+        // as below.
+        let hashing = ContentHash::start(path);
+        let new = NewFile {
+            name: name.clone(),
+            sha256: UNHASHED.into(),
+            urgent,
+        };
+        let report = Report::empty(name.clone(), String::new(), "processed", urgent);
+        let stored = file
+            .store(store.begin_file(&new).await?, report, 0, hashing)
+            .await?;
+        if let Some(ingested) = file.finish(stored).await? {
+            return Ok(ingested);
+        }
+    }
 
+    let sha256 = hash_file(path).await?;
     let mut resume = None;
     if let Some(existing) = store.file_by_hash(&sha256).await? {
         match (existing.disposition.as_str(), existing.resume_line) {
@@ -332,43 +336,96 @@ pub async fn ingest_file(
             (store.resume_file(&existing).await?, report, line)
         }
         None => {
-            let file = NewFile {
+            let new = NewFile {
                 name: name.clone(),
                 sha256: sha256.clone(),
                 urgent,
             };
             let report = Report::empty(name.clone(), sha256.clone(), "processed", urgent);
-            (store.begin_file(&file).await?, report, 0)
+            (store.begin_file(&new).await?, report, 0)
         }
     };
-    let in_parts = limits.commit_lines > 0 && !limits.reject_file_on_error;
-    let parts = in_parts.then_some(Parts {
-        lines: limits.commit_lines,
-        last_committed: skip_through,
-    });
-    let group_lines = match &parts {
-        Some(parts) => GROUP_ROWS.min(parts.lines as usize),
-        None => GROUP_ROWS,
-    };
-    let lines = CheckedLines::start(ReadPlan {
-        path: path.to_path_buf(),
-        urgent,
-        limits: *limits,
-        catalogue: catalogue.cloned(),
-        skip_through,
-        group_lines,
-    });
-    let builder = ReportBuilder::new(path, report);
-    let stored = store_lines(ingest, lines, builder, parts, &sha256, limits, queued).await?;
-    let (file_id, report) = match stored {
-        Stored::Whole { file_id, report } => (file_id, report),
-        Stored::Rejected(report) => return reject(path, paths, report).await,
-    };
-    let moved_to = move_with_report(path, &paths.processed, &report).await?;
-    store
-        .mark_file_moved(file_id, "processed", &moved_to.display().to_string())
+    let stored = file
+        .store(ingest, report, skip_through, ContentHash::Known(sha256))
         .await?;
-    Ok(Ingested { report, moved_to })
+    let ingested = file.finish(stored).await?;
+    Ok(ingested.expect("a file hashed before reading is not found stored while read"))
+}
+
+/// The `sha256` of a file row whose content is still being hashed. It is replaced before the
+/// row is committed, so no committed row has it.
+const UNHASHED: &str = "unhashed";
+
+/// One file to ingest, with what every step of it needs.
+struct Ingest<'a> {
+    store: &'a Store,
+    path: &'a Path,
+    name: &'a str,
+    urgent: bool,
+    paths: &'a PathsConfig,
+    limits: &'a FileLimits,
+    catalogue: Option<&'a Catalogue>,
+    queued: Option<&'a Signal>,
+}
+
+impl Ingest<'_> {
+    /// Reads the file after line `skip_through` into `ingest`.
+    async fn store(
+        &self,
+        ingest: FileIngest,
+        report: Report,
+        skip_through: u64,
+        content: ContentHash,
+    ) -> Result<Stored, IngestError> {
+        let in_parts = self.limits.commit_lines > 0 && !self.limits.reject_file_on_error;
+        let parts = in_parts.then_some(Parts {
+            lines: self.limits.commit_lines,
+            last_committed: skip_through,
+        });
+        let group_lines = match &parts {
+            Some(parts) => GROUP_ROWS.min(parts.lines as usize),
+            None => GROUP_ROWS,
+        };
+        let lines = CheckedLines::start(ReadPlan {
+            path: self.path.to_path_buf(),
+            urgent: self.urgent,
+            limits: *self.limits,
+            catalogue: self.catalogue.cloned(),
+            skip_through,
+            group_lines,
+        });
+        let builder = ReportBuilder::new(self.path, report);
+        store_lines(
+            ingest,
+            lines,
+            builder,
+            parts,
+            content,
+            self.limits,
+            self.queued,
+        )
+        .await
+    }
+
+    /// Moves a stored or rejected file out of the inbox. Returns `None` for a file whose
+    /// content turned out to be stored before, which nothing was done with.
+    async fn finish(&self, stored: Stored) -> Result<Option<Ingested>, IngestError> {
+        let (file_id, report) = match stored {
+            Stored::Whole { file_id, report } => (file_id, report),
+            Stored::Rejected(report) => {
+                return reject(self.path, self.paths, report).await.map(Some);
+            }
+            Stored::Before => {
+                tracing::debug!(file = %self.name, "content was stored before; rolled back");
+                return Ok(None);
+            }
+        };
+        let moved_to = move_with_report(self.path, &self.paths.processed, &report).await?;
+        self.store
+            .mark_file_moved(file_id, "processed", &moved_to.display().to_string())
+            .await?;
+        Ok(Some(Ingested { report, moved_to }))
+    }
 }
 
 /// The part boundaries of a file stored in parts.
@@ -385,6 +442,9 @@ enum Stored {
     Whole { file_id: i64, report: Report },
     /// The file was rejected, with this report.
     Rejected(Report),
+    /// The file's content was stored before, as the hash learned while reading showed. Its
+    /// transaction was rolled back.
+    Before,
 }
 
 /// Stores the checked lines of a file, in parts if `parts` is set, then commits the whole file.
@@ -394,14 +454,26 @@ async fn store_lines<'a>(
     mut lines: CheckedLines,
     mut builder: ReportBuilder<'a>,
     mut parts: Option<Parts>,
-    sha256: &str,
+    mut content: ContentHash,
     limits: &FileLimits,
     queued: Option<&Signal>,
 ) -> Result<Stored, IngestError> {
-    while let Some(group) = lines.next().await {
+    // The next group is bound while the current one is inserted, so that SQLite's thread,
+    // which takes most of the time, does not wait for the binding.
+    let binder = ingest.binder();
+    let mut next = next_bound(&mut lines, &binder).await;
+    while let Some((group, bound)) = next {
         let last_line = group.last_line;
-        let stored = ingest.insert(builder.read(group)).await?;
+        let (stored, following) = tokio::join!(ingest.run(bound), next_bound(&mut lines, &binder));
+        next = following;
+        let stored = stored?;
+        // The items went to `bound`; this counts the group's lines and records its bad ones.
+        builder.read(group);
         builder.stored(&stored);
+        if !name_content(&mut ingest, &mut content, false).await? {
+            ingest.roll_back().await?;
+            return Ok(Stored::Before);
+        }
         for _ in &stored {
             crate::fault::point("mid-ingest");
         }
@@ -409,7 +481,13 @@ async fn store_lines<'a>(
         if let Some(parts) = &mut parts
             && last_line - parts.last_committed >= parts.lines
         {
-            let report = builder.snapshot();
+            // Nothing is committed before the content is known to be new.
+            if !name_content(&mut ingest, &mut content, true).await? {
+                ingest.roll_back().await?;
+                return Ok(Stored::Before);
+            }
+            let mut report = builder.snapshot();
+            report.sha256 = content.known().unwrap_or_default().to_string();
             let json = serde_json::to_string_pretty(&report)?;
             ingest
                 .commit_part(last_line, totals(&report, &json))
@@ -424,7 +502,13 @@ async fn store_lines<'a>(
     }
     let path = builder.path;
     let read = lines.finish().await;
+    if !name_content(&mut ingest, &mut content, true).await? {
+        ingest.roll_back().await?;
+        return Ok(Stored::Before);
+    }
+    let sha256 = content.known().unwrap_or_default();
     let mut report = builder.into_report();
+    report.sha256 = sha256.to_string();
     let reason = match read {
         Ok(read_sha256) if read_sha256 == sha256 => rejection(&report, limits.reject_file_on_error),
         Ok(_) => {
@@ -450,6 +534,29 @@ async fn store_lines<'a>(
     report.reason = Some(reason);
     abandon(ingest, &mut report, &message).await?;
     Ok(Stored::Rejected(report))
+}
+
+/// Takes the next group of checked lines and binds its items for the insert.
+async fn next_bound(
+    lines: &mut CheckedLines,
+    binder: &ItemBinder,
+) -> Option<(Checked, BoundItems)> {
+    let mut group = lines.next().await?;
+    let bound = binder.bind(std::mem::take(&mut group.items));
+    Some((group, bound))
+}
+
+/// Gives the file row its hash once the hash computed beside the reading is known, waiting for
+/// it if `wait` is set. Returns false if a stored file has that content already.
+async fn name_content(
+    ingest: &mut FileIngest,
+    content: &mut ContentHash,
+    wait: bool,
+) -> Result<bool, IngestError> {
+    match content.learn(wait).await? {
+        Some(sha256) => Ok(ingest.name_content(&sha256).await?),
+        None => Ok(true),
+    }
 }
 
 /// Gives up on a file after reading began; see [`FileIngest::abandon`]. The report then counts
@@ -552,9 +659,8 @@ mod tests {
         format!(r#"{{"custom_id": "{id}", "body": {{"model": "m", "input": "text {id}"}}}}"#)
     }
 
-    #[tokio::test]
-    async fn repeats_are_found_within_and_across_insert_groups() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Directories for a test ingest, inside `dir`.
+    fn paths(dir: &tempfile::TempDir) -> PathsConfig {
         let paths = PathsConfig {
             inbox: dir.path().join("inbox"),
             database: dir.path().join("batchd.db"),
@@ -563,6 +669,37 @@ mod tests {
             outbox: dir.path().join("outbox"),
         };
         std::fs::create_dir_all(&paths.inbox).unwrap();
+        paths
+    }
+
+    fn limits(commit_lines: u64) -> FileLimits {
+        FileLimits {
+            max_line_bytes: 1000,
+            max_file_bytes: 1 << 20,
+            reject_file_on_error: false,
+            commit_lines,
+        }
+    }
+
+    /// Writes `count` good lines into the inbox as `name`.
+    fn write_lines(paths: &PathsConfig, name: &str, count: u64) -> PathBuf {
+        let lines: Vec<String> = (1..=count).map(|n| line(&format!("id-{n}"))).collect();
+        let path = paths.inbox.join(name);
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path
+    }
+
+    async fn count(store: &Store, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn repeats_are_found_within_and_across_insert_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths(&dir);
         // Line 300 repeats line 5 from an earlier group; line 420 repeats line 410 of its own.
         let lines: Vec<String> = (1..=450)
             .map(|n| match n {
@@ -574,14 +711,8 @@ mod tests {
         let path = paths.inbox.join("many.jsonl");
         std::fs::write(&path, lines.join("\n")).unwrap();
         let store = Store::open(&paths.database).await.unwrap();
-        let limits = FileLimits {
-            max_line_bytes: 1000,
-            max_file_bytes: 1 << 20,
-            reject_file_on_error: false,
-            commit_lines: 0,
-        };
 
-        let done = ingest_file(&store, &path, false, &paths, &limits, None, None)
+        let done = ingest_file(&store, &path, false, &paths, &limits(0), None, None)
             .await
             .unwrap();
 
@@ -605,10 +736,77 @@ mod tests {
                 ),
             ]
         );
-        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM work_items")
-            .fetch_one(store.pool())
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM work_items").await, 448);
+    }
+
+    #[tokio::test]
+    async fn content_stored_before_is_a_duplicate_whatever_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths(&dir);
+        let store = Store::open(&paths.database).await.unwrap();
+        let first = write_lines(&paths, "first.jsonl", 700);
+        ingest_file(&store, &first, false, &paths, &limits(0), None, None)
             .await
             .unwrap();
-        assert_eq!(stored, 448);
+        let again = write_lines(&paths, "again.jsonl", 700);
+
+        let done = ingest_file(&store, &again, false, &paths, &limits(0), None, None)
+            .await
+            .unwrap();
+
+        assert_eq!(done.report.disposition, "duplicate");
+        assert_eq!(done.report.duplicate_of.as_deref(), Some("first.jsonl"));
+        assert_eq!(done.report.sha256, hash_file(&done.moved_to).await.unwrap());
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM input_files").await, 1);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM work_items").await, 700);
+    }
+
+    #[tokio::test]
+    async fn file_stored_in_part_before_a_restart_is_read_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths(&dir);
+        let store = Store::open(&paths.database).await.unwrap();
+        let path = write_lines(&paths, "parts.jsonl", 700);
+        // What a run that stopped after the first part of 200 lines left behind.
+        let sha256 = hash_file(&path).await.unwrap();
+        let new = NewFile {
+            name: "parts.jsonl".into(),
+            sha256: sha256.clone(),
+            urgent: false,
+        };
+        let mut ingest = store.begin_file(&new).await.unwrap();
+        let mut lines = CheckedLines::start(ReadPlan {
+            path: path.clone(),
+            urgent: false,
+            limits: limits(200),
+            catalogue: None,
+            skip_through: 0,
+            group_lines: 200,
+        });
+        let group = lines.next().await.unwrap();
+        ingest.insert(group.items).await.unwrap();
+        let mut report = Report::empty("parts.jsonl".into(), sha256.clone(), "processed", false);
+        (report.lines, report.items) = (200, 200);
+        let json = serde_json::to_string(&report).unwrap();
+        ingest
+            .commit_part(200, totals(&report, &json))
+            .await
+            .unwrap();
+        ingest.roll_back().await.unwrap();
+        drop(lines);
+
+        let done = ingest_file(&store, &path, false, &paths, &limits(200), None, None)
+            .await
+            .unwrap();
+
+        assert_eq!(done.report.disposition, "processed");
+        assert_eq!((done.report.lines, done.report.items), (700, 700));
+        assert_eq!(done.report.sha256, sha256);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM input_files").await, 1);
+        assert_eq!(
+            count(&store, "SELECT COUNT(DISTINCT custom_id) FROM work_items").await,
+            700
+        );
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM work_items").await, 700);
     }
 }

@@ -8,6 +8,7 @@
 //! `*.jsonl.gz` files are decompressed as they are read.
 
 pub mod file;
+mod hash;
 pub mod lines;
 pub mod parse;
 mod read;

@@ -6,7 +6,11 @@
 //! provider, so the extensions never leave batchd.
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use serde_json::error::Category;
+use serde_json::value::RawValue;
 
 use crate::config::SUPPORTED_ENDPOINTS;
 
@@ -40,88 +44,186 @@ pub fn parse_line(bytes: &[u8]) -> Result<ParsedLine, String> {
             e.valid_up_to() + 1
         )
     })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Value::Object(line) = value else {
+    if !text.trim_start().starts_with('{') {
+        // Rare, so parsed in full only to name what the line holds instead.
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         return Err(format!(
             "expected a JSON object like {{\"custom_id\": ..., \"body\": {{...}}}}, found {}",
             kind(&value)
         ));
-    };
+    }
+    // The fields are borrowed from the line as raw JSON and the rest is skipped, so a line
+    // costs no tree of maps and strings.
+    let line: RawLine = serde_json::from_str(text).map_err(invalid)?;
     if let Some(reason) = foreign_format(&line) {
         return Err(reason);
     }
 
-    let custom_id = match line.get("custom_id") {
+    let custom_id = match line.custom_id {
         None => return Err("missing \"custom_id\": every line needs a unique string id".into()),
-        Some(Value::String(id)) if id.trim().is_empty() => {
-            return Err("\"custom_id\" is empty: every line needs a unique string id".into());
-        }
-        Some(Value::String(id)) => id.clone(),
-        Some(other) => {
-            return Err(format!(
-                "\"custom_id\" must be a string, found {}",
-                kind(other)
-            ));
-        }
+        Some(raw) => match string(raw) {
+            Some(id) if id.trim().is_empty() => {
+                return Err("\"custom_id\" is empty: every line needs a unique string id".into());
+            }
+            Some(id) => id,
+            None => {
+                return Err(format!(
+                    "\"custom_id\" must be a string, found {}",
+                    raw_kind(raw)
+                ));
+            }
+        },
     };
-    let body = match line.get("body") {
+    let body_raw = match line.body {
         None => {
             return Err(
                 "missing \"body\": put the request (model, messages, ...) under \"body\"".into(),
             );
         }
-        Some(Value::Object(body)) => body,
+        Some(raw) if raw_kind(raw) == "an object" => raw,
         Some(other) => {
             return Err(format!(
                 "\"body\" must be a JSON object, found {}",
-                kind(other)
+                raw_kind(other)
             ));
         }
     };
-    match line.get("method") {
-        None => {}
-        Some(Value::String(m)) if m.eq_ignore_ascii_case("POST") => {}
-        Some(other) => return Err(format!("\"method\" must be \"POST\", found {other}")),
+    let body: RawBody = serde_json::from_str(body_raw.get()).map_err(invalid)?;
+    if let Some(method) = line.method
+        && !string(method).is_some_and(|m| m.eq_ignore_ascii_case("POST"))
+    {
+        return Err(format!("\"method\" must be \"POST\", found {method}"));
     }
-    let endpoint = endpoint(line.get("url"), body)?;
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        Some(Value::String(_)) => {
+    let endpoint = endpoint(line.url, &body)?;
+    let model = match body.model.map(|raw| (raw, string(raw))) {
+        Some((_, Some(m))) if !m.trim().is_empty() => m,
+        Some((_, Some(_))) => {
             return Err("\"body.model\" is empty: name the model to run".into());
         }
-        Some(other) => {
+        Some((raw, None)) => {
             return Err(format!(
                 "\"body.model\" must be a string, found {}",
-                kind(other)
+                raw_kind(raw)
             ));
         }
         None => return Err("missing \"body.model\": name the model to run".into()),
     };
-    check_body(&endpoint, body)?;
-    let urgent = match line.get("urgent") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+    check_body(&endpoint, &body)?;
+    let urgent = match line.urgent.map(RawValue::get) {
+        None | Some("null") | Some("false") => false,
+        Some("true") => true,
         Some(other) => return Err(format!("\"urgent\" must be true or false, found {other}")),
     };
-    let deadline = match line.get("deadline") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            DateTime::parse_from_rfc3339(s)
+    let deadline = match line.deadline.map(|raw| (raw, string(raw))) {
+        None => None,
+        Some((raw, _)) if raw.get() == "null" => None,
+        Some((_, Some(s))) => Some(
+            DateTime::parse_from_rfc3339(&s)
                 .map_err(|_| format!("\"deadline\" {s:?} is not an RFC 3339 time such as \"2026-01-31T18:00:00Z\""))?
                 .with_timezone(&Utc),
         ),
-        Some(other) => return Err(format!("\"deadline\" must be an RFC 3339 time string, found {other}")),
+        Some((raw, None)) => return Err(format!("\"deadline\" must be an RFC 3339 time string, found {raw}")),
     };
     Ok(ParsedLine {
         custom_id,
         endpoint,
         model,
-        // Written from the parsed map, which saves a copy of the whole body per line.
-        body: serde_json::to_string(body)
-            .map_err(|e| format!("failed to write \"body\" as JSON: {e}"))?,
+        body: compact(body_raw)?,
         urgent,
         deadline,
     })
+}
+
+/// The top-level fields of a line, borrowed as raw JSON. Unknown fields are skipped.
+#[derive(Deserialize)]
+struct RawLine<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    custom_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    body: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    method: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    url: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    urgent: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    deadline: Option<&'a RawValue>,
+    // Only whether these are present matters: they mark another provider's format.
+    key: Option<IgnoredAny>,
+    request: Option<IgnoredAny>,
+    params: Option<IgnoredAny>,
+    messages: Option<IgnoredAny>,
+    model: Option<IgnoredAny>,
+}
+
+/// The fields of a request body that batchd checks, borrowed as raw JSON.
+#[derive(Deserialize)]
+struct RawBody<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    model: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    messages: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    input: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    prompt: Option<&'a RawValue>,
+}
+
+/// Words a failed parse of a line or body. Every field takes any JSON value, so a failure that
+/// is not a syntax error is a field given twice.
+fn invalid(e: serde_json::Error) -> String {
+    match e.classify() {
+        Category::Data => format!("{e}: give each field once"),
+        _ => format!("not valid JSON: {e}"),
+    }
+}
+
+/// Keeps a field that is present, `null` included, so that `null` is reported by its kind
+/// rather than as a missing field.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Returns the string a raw value holds, or `None` if it is not a string.
+fn string(raw: &RawValue) -> Option<String> {
+    raw.get()
+        .starts_with('"')
+        .then(|| serde_json::from_str(raw.get()).ok())
+        .flatten()
+}
+
+/// Names a raw value's type for messages; its first byte tells, since it is valid JSON.
+fn raw_kind(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// True for a raw array with no elements.
+fn is_empty_array(raw: &RawValue) -> bool {
+    raw.get()
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|inside| inside.trim().is_empty())
+}
+
+/// The body as stored and sent: the user's text as is, unless it holds a carriage return
+/// between tokens, which some JSONL readers take for a line break. Such a body is written
+/// again without whitespace.
+fn compact(body: &RawValue) -> Result<String, String> {
+    if !body.get().contains('\r') {
+        return Ok(body.get().to_string());
+    }
+    let value: Value =
+        serde_json::from_str(body.get()).map_err(|e| format!("not valid JSON: {e}"))?;
+    serde_json::to_string(&value).map_err(|e| format!("failed to write \"body\" as JSON: {e}"))
 }
 
 /// Names a JSON value's type for messages.
@@ -137,23 +239,23 @@ fn kind(value: &Value) -> &'static str {
 }
 
 /// Recognises lines written for another provider's batch API.
-fn foreign_format(line: &Map<String, Value>) -> Option<String> {
+fn foreign_format(line: &RawLine) -> Option<String> {
     const EXPECTED: &str =
         "batchd expects {\"custom_id\": \"...\", \"body\": {...}} (Together/OpenAI batch format)";
-    if line.contains_key("custom_id") && line.contains_key("body") {
+    if line.custom_id.is_some() && line.body.is_some() {
         return None;
     }
-    if line.contains_key("key") && line.contains_key("request") {
+    if line.key.is_some() && line.request.is_some() {
         return Some(format!(
             "this is a Gemini batch line ({{\"key\", \"request\"}}): {EXPECTED}"
         ));
     }
-    if line.contains_key("custom_id") && line.contains_key("params") {
+    if line.custom_id.is_some() && line.params.is_some() {
         return Some(format!(
             "this is an Anthropic batch line ({{\"custom_id\", \"params\"}}): {EXPECTED}"
         ));
     }
-    if line.contains_key("messages") || line.contains_key("model") {
+    if line.messages.is_some() || line.model.is_some() {
         return Some(format!(
             "this is a bare request body without an id: {EXPECTED}"
         ));
@@ -162,9 +264,9 @@ fn foreign_format(line: &Map<String, Value>) -> Option<String> {
 }
 
 /// Takes the endpoint from `url`, or infers it from the body when `url` is absent.
-fn endpoint(url: Option<&Value>, body: &Map<String, Value>) -> Result<String, String> {
-    match url {
-        Some(Value::String(url)) => {
+fn endpoint(url: Option<&RawValue>, body: &RawBody) -> Result<String, String> {
+    match url.map(|raw| (raw, string(raw))) {
+        Some((_, Some(url))) => {
             let path = url.trim_end_matches('/');
             if SUPPORTED_ENDPOINTS.contains(&path) {
                 Ok(path.to_string())
@@ -175,10 +277,10 @@ fn endpoint(url: Option<&Value>, body: &Map<String, Value>) -> Result<String, St
                 ))
             }
         }
-        Some(other) => Err(format!("\"url\" must be a string, found {}", kind(other))),
-        None if body.contains_key("messages") => Ok("/v1/chat/completions".to_string()),
-        None if body.contains_key("input") => Ok("/v1/embeddings".to_string()),
-        None if body.contains_key("prompt") => Ok("/v1/completions".to_string()),
+        Some((raw, None)) => Err(format!("\"url\" must be a string, found {}", raw_kind(raw))),
+        None if body.messages.is_some() => Ok("/v1/chat/completions".to_string()),
+        None if body.input.is_some() => Ok("/v1/embeddings".to_string()),
+        None if body.prompt.is_some() => Ok("/v1/completions".to_string()),
         None => Err(format!(
             "cannot tell the endpoint: add \"url\" (one of {}) or a body with \"messages\", \"input\" or \"prompt\"",
             SUPPORTED_ENDPOINTS.join(", ")
@@ -187,41 +289,34 @@ fn endpoint(url: Option<&Value>, body: &Map<String, Value>) -> Result<String, St
 }
 
 /// Checks the fields each endpoint cannot do without.
-fn check_body(endpoint: &str, body: &Map<String, Value>) -> Result<(), String> {
+fn check_body(endpoint: &str, body: &RawBody) -> Result<(), String> {
     match endpoint {
-        "/v1/chat/completions" => match body.get("messages") {
-            Some(Value::Array(m)) if !m.is_empty() => Ok(()),
-            Some(Value::Array(_)) => {
+        "/v1/chat/completions" => match body.messages.map(|raw| (raw, raw_kind(raw))) {
+            Some((raw, "an array")) if !is_empty_array(raw) => Ok(()),
+            Some((_, "an array")) => {
                 Err("\"body.messages\" is empty: a chat request needs at least one message".into())
             }
-            Some(other) => Err(format!(
-                "\"body.messages\" must be an array, found {}",
-                kind(other)
-            )),
+            Some((_, kind)) => Err(format!("\"body.messages\" must be an array, found {kind}")),
             None => {
                 Err("missing \"body.messages\": a chat request needs a list of messages".into())
             }
         },
-        "/v1/embeddings" => match body.get("input") {
-            Some(Value::String(_)) => Ok(()),
-            Some(Value::Array(a)) if !a.is_empty() => Ok(()),
-            Some(Value::Array(_)) => {
+        "/v1/embeddings" => match body.input.map(|raw| (raw, raw_kind(raw))) {
+            Some((_, "a string")) => Ok(()),
+            Some((raw, "an array")) if !is_empty_array(raw) => Ok(()),
+            Some((_, "an array")) => {
                 Err("\"body.input\" is empty: give a string or an array of strings".into())
             }
-            Some(other) => Err(format!(
-                "\"body.input\" must be a string or an array, found {}",
-                kind(other)
+            Some((_, kind)) => Err(format!(
+                "\"body.input\" must be a string or an array, found {kind}"
             )),
             None => {
                 Err("missing \"body.input\": an embeddings request needs the text to embed".into())
             }
         },
-        "/v1/completions" | "/v1/images/generations" => match body.get("prompt") {
-            Some(Value::String(_)) => Ok(()),
-            Some(other) => Err(format!(
-                "\"body.prompt\" must be a string, found {}",
-                kind(other)
-            )),
+        "/v1/completions" | "/v1/images/generations" => match body.prompt.map(raw_kind) {
+            Some("a string") => Ok(()),
+            Some(kind) => Err(format!("\"body.prompt\" must be a string, found {kind}")),
             None => Err("missing \"body.prompt\"".into()),
         },
         _ => Ok(()),
@@ -266,6 +361,52 @@ mod tests {
         );
         assert!(!parsed.body.contains("urgent"));
         assert!(!parsed.body.contains("deadline"));
+    }
+
+    #[test]
+    fn body_is_stored_as_written() {
+        let line = br#"{"custom_id": "a", "body": {"model": "m", "temperature": 0.10, "messages": [{"role": "user", "content": "x\u00e9"}]}}"#;
+        let parsed = parse_line(line).unwrap();
+        assert_eq!(
+            parsed.body,
+            r#"{"model": "m", "temperature": 0.10, "messages": [{"role": "user", "content": "x\u00e9"}]}"#
+        );
+    }
+
+    #[test]
+    fn carriage_return_between_tokens_is_removed_from_body() {
+        let parsed =
+            parse_line(b"{\"custom_id\": \"a\", \"body\": {\"model\":\r\"m\", \"input\": \"x\"}}")
+                .unwrap();
+        assert_eq!(parsed.body, r#"{"input":"x","model":"m"}"#);
+    }
+
+    #[test]
+    fn field_given_twice_is_reported() {
+        let r =
+            reason(r#"{"custom_id": "a", "custom_id": "b", "body": {"model": "m", "input": "x"}}"#);
+        assert!(r.contains("duplicate field `custom_id`"), "{r}");
+        let r = reason(r#"{"custom_id": "a", "body": {"model": "m", "model": "n", "input": "x"}}"#);
+        assert!(r.contains("duplicate field `model`"), "{r}");
+    }
+
+    #[test]
+    fn null_fields_are_reported_by_kind() {
+        let r = reason(r#"{"custom_id": null, "body": {"model": "m", "input": "x"}}"#);
+        assert!(
+            r.contains("\"custom_id\" must be a string, found null"),
+            "{r}"
+        );
+        let r = reason(r#"{"custom_id": "a", "body": {"model": "m", "messages": null}}"#);
+        assert!(
+            r.contains("\"body.messages\" must be an array, found null"),
+            "{r}"
+        );
+        let parsed =
+            parse_line(br#"{"custom_id": "a", "urgent": null, "deadline": null, "body": {"model": "m", "input": "x"}}"#)
+                .unwrap();
+        assert!(!parsed.urgent);
+        assert_eq!(parsed.deadline, None);
     }
 
     #[test]

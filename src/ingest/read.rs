@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::IngestError;
-use super::file::{FileLimits, hash_file};
+use super::file::FileLimits;
+use super::hash::hash_file;
 use super::lines::{Line, LineReader, is_gzip, open_input};
 use super::parse::parse_line;
 use crate::models::{Catalogue, ModelCheck};

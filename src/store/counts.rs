@@ -3,7 +3,7 @@
 //!
 //! Triggers on `work_items` (migration 0006) keep the counts exact on every state change and
 //! deletion. Inserts fire no trigger, because one per row slows ingest down: the ingest insert
-//! adds its rows with [`add_inserted`] in the same transaction.
+//! adds its rows with [`add_inserted`] in the same transaction, before it commits.
 
 use std::collections::BTreeMap;
 

@@ -1,12 +1,14 @@
 //! Queries on `input_files`: one row per distinct file content, inserted together with the
 //! file's work items.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
-use super::items::{Added, NewItem, insert_items};
+use super::counts::add_inserted;
+use super::items::{Added, BoundInserts, ItemState, NewItem, bind_items, run_inserts};
 use super::{Store, StoreError, timestamp};
 
 /// The header of a file being ingested.
@@ -74,10 +76,9 @@ impl FileProgress {
     }
 }
 
-// TODO: ingest runs at about a third of the rate of `sqlite3 .import` on the same lines.
-// Each row goes to the WAL, to the database at the checkpoint and into four indexes. sqlx copies
-// every bound value and runs each statement on a thread of its own. Each line is parsed into a
-// JSON tree and its body written again, and the file is hashed before it is read.
+// NOTE: ingest runs at about half the rate of `sqlite3 .import` on the same lines, bound by
+// SQLite's thread. Each row goes to the WAL, to the database at the checkpoint and into four
+// indexes, and SQLite copies every bound value.
 
 /// An open ingest transaction. A file stored in one transaction becomes visible with its items
 /// on [`FileIngest::commit`], or not at all. A large file may instead be committed in parts
@@ -87,11 +88,35 @@ pub struct FileIngest {
     pool: SqlitePool,
     tx: Transaction<'static, Sqlite>,
     file_id: i64,
-    now: String,
+    now: Arc<str>,
     /// True once any part of the file was committed, by this run or an earlier one.
     parts_committed: bool,
     /// Items in the committed parts.
     committed_items: u64,
+    /// Items inserted since the last commit, by state, not yet in `item_counts`. Added once
+    /// before each commit rather than with every insert, which saves a statement per group.
+    uncounted: BTreeMap<ItemState, u64>,
+}
+
+/// Binds items to the insert statements of one file.
+#[derive(Debug, Clone)]
+pub struct ItemBinder {
+    file_id: i64,
+    now: Arc<str>,
+}
+
+impl ItemBinder {
+    /// Binds items for [`FileIngest::run`]. Their bodies move into the statements.
+    pub fn bind(&self, mut items: Vec<NewItem>) -> BoundItems {
+        let inserts = bind_items(self.file_id, &mut items, &self.now);
+        BoundItems { items, inserts }
+    }
+}
+
+/// Items bound to their insert statements by [`ItemBinder::bind`].
+pub struct BoundItems {
+    items: Vec<NewItem>,
+    inserts: BoundInserts,
 }
 
 /// A file's counts and report as of some line, recorded with each commit.
@@ -110,12 +135,35 @@ impl FileIngest {
     }
 
     /// Inserts a group of items and returns each with what happened to it: stored, or skipped
-    /// because the file already has an item with its `custom_id`.
+    /// because the file already has an item with its `custom_id`. The items come back without
+    /// their bodies, which went into the database.
     pub async fn insert(
         &mut self,
         items: Vec<NewItem>,
     ) -> Result<Vec<(NewItem, Added)>, StoreError> {
-        let added = insert_items(&mut self.tx, self.file_id, &items, &self.now).await?;
+        let bound = self.binder().bind(items);
+        self.run(bound).await
+    }
+
+    /// Returns what binds items for [`FileIngest::run`], which can work while an insert runs.
+    pub fn binder(&self) -> ItemBinder {
+        ItemBinder {
+            file_id: self.file_id,
+            now: self.now.clone(),
+        }
+    }
+
+    /// Inserts items bound by an [`ItemBinder`]; see [`FileIngest::insert`].
+    pub async fn run(&mut self, bound: BoundItems) -> Result<Vec<(NewItem, Added)>, StoreError> {
+        let BoundItems { items, inserts } = bound;
+        let added = run_inserts(
+            &mut self.tx,
+            self.file_id,
+            &items,
+            inserts,
+            &mut self.uncounted,
+        )
+        .await?;
         Ok(items.into_iter().zip(added).collect())
     }
 
@@ -126,6 +174,7 @@ impl FileIngest {
         last_line: u64,
         totals: FileTotals<'_>,
     ) -> Result<(), StoreError> {
+        self.count_inserted().await?;
         record_totals(&mut self.tx, self.file_id, totals, Some(last_line)).await?;
         // Both statements run on this transaction's connection, so `self.tx` stays open. Other
         // writers get the lock between them.
@@ -140,9 +189,43 @@ impl FileIngest {
 
     /// Records the file's final totals and report, then commits. Returns the file's id.
     pub async fn commit(mut self, totals: FileTotals<'_>) -> Result<i64, StoreError> {
+        self.count_inserted().await?;
         record_totals(&mut self.tx, self.file_id, totals, None).await?;
         self.tx.commit().await?;
         Ok(self.file_id)
+    }
+
+    async fn count_inserted(&mut self) -> Result<(), StoreError> {
+        add_inserted(&mut self.tx, self.file_id, &self.uncounted).await?;
+        self.uncounted.clear();
+        Ok(())
+    }
+
+    /// Records the hash of the file's content, learned while the file was read. Returns false,
+    /// and records nothing, if a committed file has that content.
+    pub async fn name_content(&mut self, sha256: &str) -> Result<bool, StoreError> {
+        let stored_before: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM input_files WHERE sha256 = ?2 AND id <> ?1)",
+        )
+        .bind(self.file_id)
+        .bind(sha256)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        if stored_before {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE input_files SET sha256 = ?2 WHERE id = ?1")
+            .bind(self.file_id)
+            .bind(sha256)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(true)
+    }
+
+    /// Drops everything of the file that is not committed.
+    pub async fn roll_back(self) -> Result<(), StoreError> {
+        self.tx.rollback().await?;
+        Ok(())
     }
 
     /// Rejects a file after reading began. Without committed parts, nothing of it stays.
@@ -278,9 +361,10 @@ impl Store {
             pool: self.pool().clone(),
             tx,
             file_id,
-            now,
+            now: now.into(),
             parts_committed: false,
             committed_items: 0,
+            uncounted: BTreeMap::new(),
         })
     }
 
@@ -291,9 +375,10 @@ impl Store {
             pool: self.pool().clone(),
             tx,
             file_id: file.id,
-            now: timestamp(chrono::Utc::now()),
+            now: timestamp(chrono::Utc::now()).into(),
             parts_committed: true,
             committed_items: file.items_total,
+            uncounted: BTreeMap::new(),
         })
     }
 

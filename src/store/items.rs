@@ -7,9 +7,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Row, SqliteConnection};
+use sqlx::query::Query;
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Row, Sqlite, SqliteConnection};
 
 use super::{Store, StoreError, timestamp};
 
@@ -265,39 +268,107 @@ fn stored_state(item: &NewItem) -> ItemState {
     }
 }
 
-/// Columns bound per item by [`insert_items`].
+/// Columns bound per item by [`bind_items`].
 const INSERT_COLUMNS: usize = 14;
 
-/// At most this many items go into one statement of [`insert_items`], within SQLite's limit of
+/// At most this many items go into one statement of [`bind_items`], within SQLite's limit of
 /// 32,766 parameters.
 const MAX_INSERT_ITEMS: usize = 2000;
 
-/// Inserts `items` of one file, in statements of up to [`MAX_INSERT_ITEMS`], skipping those
-/// whose `custom_id` the file already has, and adds the stored rows to `item_counts`. Returns
-/// what happened to each item, in order. Items repeating an earlier item of the same call are
-/// repeats too, because SQLite inserts the rows in order.
-pub(crate) async fn insert_items(
+/// Insert statements for items of one file with their values bound, from [`bind_items`].
+pub(crate) struct BoundInserts {
+    /// Each statement with the number of items it inserts, in item order.
+    statements: Vec<(Query<'static, Sqlite, SqliteArguments>, usize)>,
+}
+
+/// Binds `items` of one file to insert statements of up to [`MAX_INSERT_ITEMS`] each, for
+/// [`run_inserts`]. Binding is separate so that it can happen while an earlier insert runs.
+///
+/// The bodies are moved into the statements, so the items are left with empty bodies.
+pub(crate) fn bind_items(file_id: i64, items: &mut [NewItem], now: &Arc<str>) -> BoundInserts {
+    let mut shared = SharedText::new(now);
+    let statements = items
+        .chunks_mut(MAX_INSERT_ITEMS)
+        .map(|chunk| (bind_chunk(file_id, chunk, &mut shared), chunk.len()))
+        .collect();
+    BoundInserts { statements }
+}
+
+/// Runs the inserts [`bind_items`] bound for `items`, skipping items whose `custom_id` the file
+/// already has, and adds the stored rows to `counts` by state, for the caller to add to
+/// `item_counts` before it commits. Returns what happened to each item, in order. Items
+/// repeating an earlier item of the same call are repeats too, because SQLite inserts the rows
+/// in order.
+pub(crate) async fn run_inserts(
     conn: &mut SqliteConnection,
     file_id: i64,
     items: &[NewItem],
-    now: &str,
+    bound: BoundInserts,
+    counts: &mut BTreeMap<ItemState, u64>,
 ) -> Result<Vec<Added>, StoreError> {
     let mut added = Vec::with_capacity(items.len());
-    for chunk in items.chunks(MAX_INSERT_ITEMS) {
-        added.extend(insert_chunk(conn, file_id, chunk, now).await?);
+    for (query, len) in bound.statements {
+        let chunk = &items[added.len()..added.len() + len];
+        let inserted = query.execute(&mut *conn).await?.rows_affected();
+        // No RETURNING clause, because each returned row is a hand-off between the SQLite
+        // thread and the caller. When every row was inserted, the row count shows it.
+        if inserted == len as u64 {
+            added.extend(std::iter::repeat_n(Added::New, len));
+        } else {
+            added.extend(find_repeats(conn, file_id, chunk).await?);
+        }
+    }
+    for (item, added) in items.iter().zip(&added) {
+        if *added == Added::New {
+            *counts.entry(stored_state(item)).or_default() += 1;
+        }
     }
     Ok(added)
 }
 
-async fn insert_chunk(
-    conn: &mut SqliteConnection,
+/// Text bound to many rows of an insert. Each bound string is a value SQLite's thread frees
+/// after the statement, and most rows repeat these, so they are shared rather than copied.
+struct SharedText {
+    now: Arc<str>,
+    queued: Arc<str>,
+    failed: Arc<str>,
+    endpoint: Arc<str>,
+    model: Arc<str>,
+}
+
+impl SharedText {
+    fn new(now: &Arc<str>) -> Self {
+        SharedText {
+            now: now.clone(),
+            queued: ItemState::Queued.as_str().into(),
+            failed: ItemState::Failed.as_str().into(),
+            endpoint: "".into(),
+            model: "".into(),
+        }
+    }
+
+    fn state(&self, item: &NewItem) -> Arc<str> {
+        match stored_state(item) {
+            ItemState::Failed => self.failed.clone(),
+            _ => self.queued.clone(),
+        }
+    }
+}
+
+/// Returns `value` shared, reusing `last` when it holds the same text.
+fn reuse(last: &mut Arc<str>, value: &str) -> Arc<str> {
+    if **last != *value {
+        *last = value.into();
+    }
+    last.clone()
+}
+
+fn bind_chunk(
     file_id: i64,
-    items: &[NewItem],
-    now: &str,
-) -> Result<Vec<Added>, StoreError> {
+    items: &mut [NewItem],
+    shared: &mut SharedText,
+) -> Query<'static, Sqlite, SqliteArguments> {
     let row = format!("({})", vec!["?"; INSERT_COLUMNS].join(", "));
-    // No RETURNING clause, because each returned row is a hand-off between the SQLite thread
-    // and the caller. When every row was inserted, the row count shows it.
     let sql = format!(
         "INSERT INTO work_items
              (file_id, line_no, custom_id, endpoint, model, body, urgent, deadline,
@@ -307,38 +378,26 @@ async fn insert_chunk(
         vec![row; items.len()].join(", ")
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for item in items {
+    for item in items.iter_mut() {
         let failed = item.error.is_some();
+        let now = &shared.now;
         query = query
             .bind(file_id)
             .bind(item.line_no as i64)
-            .bind(&item.custom_id)
-            .bind(&item.endpoint)
-            .bind(&item.model)
-            .bind(&item.body)
+            .bind(item.custom_id.clone())
+            .bind(reuse(&mut shared.endpoint, &item.endpoint))
+            .bind(reuse(&mut shared.model, &item.model))
+            .bind(std::mem::take(&mut item.body))
             .bind(item.urgent)
             .bind(item.deadline.map(timestamp))
-            .bind(now)
-            .bind(now)
-            .bind(now)
-            .bind(stored_state(item).as_str())
-            .bind(item.error.as_deref())
-            .bind(failed.then_some(now));
+            .bind(now.clone())
+            .bind(now.clone())
+            .bind(now.clone())
+            .bind(shared.state(item))
+            .bind(item.error.clone())
+            .bind(failed.then(|| now.clone()));
     }
-    let inserted = query.execute(&mut *conn).await?.rows_affected();
-    let added = if inserted == items.len() as u64 {
-        vec![Added::New; items.len()]
-    } else {
-        find_repeats(conn, file_id, items).await?
-    };
-    let mut new_counts: BTreeMap<ItemState, u64> = BTreeMap::new();
-    for (item, added) in items.iter().zip(&added) {
-        if *added == Added::New {
-            *new_counts.entry(stored_state(item)).or_default() += 1;
-        }
-    }
-    super::counts::add_inserted(conn, file_id, &new_counts).await?;
-    Ok(added)
+    query
 }
 
 /// Finds which of `items` an insert that skipped some of them stored. An item was stored when
