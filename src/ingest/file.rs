@@ -1,7 +1,7 @@
-//! Ingesting one complete input file: insert its good lines as work items while it is hashed,
-//! roll back if the hash shows content stored before, write the report, and move the file out
-//! of the inbox only after the last commit. A large file is committed in parts; a restart reads
-//! on after the last part.
+//! Ingesting one complete input file. Its good lines become work items while it is hashed, and
+//! the transaction rolls back if the hash shows content stored before. The report is written,
+//! and the file leaves the inbox only after the last commit. A large file is committed in parts;
+//! a restart reads on after the last part.
 
 use std::path::{Path, PathBuf};
 

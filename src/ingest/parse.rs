@@ -45,7 +45,7 @@ pub fn parse_line(bytes: &[u8]) -> Result<ParsedLine, String> {
         )
     })?;
     if !text.trim_start().starts_with('{') {
-        // Rare, so parsed in full only to name what the line holds instead.
+        // Rare, so parsed in full only to name the kind of value the line has.
         let value: Value =
             serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         return Err(format!(
@@ -194,7 +194,7 @@ fn string(raw: &RawValue) -> Option<String> {
         .flatten()
 }
 
-/// Names a raw value's type for messages; its first byte tells, since it is valid JSON.
+/// Names a raw value's type for messages from its first byte, which decides it in valid JSON.
 fn raw_kind(raw: &RawValue) -> &'static str {
     match raw.get().as_bytes().first() {
         Some(b'{') => "an object",
@@ -214,7 +214,7 @@ fn is_empty_array(raw: &RawValue) -> bool {
         .is_some_and(|inside| inside.trim().is_empty())
 }
 
-/// The body as stored and sent: the user's text as is, unless it holds a carriage return
+/// The body as stored and sent: the user's text as is, unless it has a carriage return
 /// between tokens, which some JSONL readers take for a line break. Such a body is written
 /// again without whitespace.
 fn compact(body: &RawValue) -> Result<String, String> {

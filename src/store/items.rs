@@ -326,8 +326,8 @@ pub(crate) async fn run_inserts(
     Ok(added)
 }
 
-/// Text bound to many rows of an insert. Each bound string is a value SQLite's thread frees
-/// after the statement, and most rows repeat these, so they are shared rather than copied.
+/// Text bound to many rows of an insert. sqlx copies a string bound by reference into an
+/// allocation of its own, and most rows repeat these, so they are bound as shared strings.
 struct SharedText {
     now: Arc<str>,
     queued: Arc<str>,
@@ -355,7 +355,7 @@ impl SharedText {
     }
 }
 
-/// Returns `value` shared, reusing `last` when it holds the same text.
+/// Returns `value` shared, reusing `last` when it has the same text.
 fn reuse(last: &mut Arc<str>, value: &str) -> Arc<str> {
     if **last != *value {
         *last = value.into();
