@@ -110,8 +110,9 @@ async fn export_follows_input_order_once_per_file() {
     let second = vec![chat_line("only", MODEL)];
     daemon.drop_file("mixed.jsonl", &jsonl(&second));
     let second_export = daemon.path("outbox/mixed-1.results.jsonl");
+    // The export is logged just after its file appears, so wait for the log line too.
     wait_for(
-        || second_export.exists(),
+        || second_export.exists() && exports_logged(&daemon, "mixed-1.results.jsonl") > 0,
         "the export of the second mixed.jsonl",
     );
     assert_eq!(custom_ids(&read_jsonl(&second_export)), ["only"]);
