@@ -211,7 +211,7 @@ pub async fn harvest(
     let now = timestamp(Utc::now());
     let mut counts = Harvest::default();
     let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
-    counts.first = mark_harvested(
+    let harvested = mark_harvested(
         &mut tx,
         batch_id,
         job.status.as_str(),
@@ -221,10 +221,11 @@ pub async fn harvest(
         &now,
     )
     .await?;
-    if !counts.first {
+    let Some(item_count) = harvested else {
         tx.rollback().await?;
         return Ok(counts);
-    }
+    };
+    counts.first = true;
     let mut successes = Successes::default();
     for line in output.iter().chain(errors) {
         let Some(item_id) = item_id_of(&line.custom_id) else {
@@ -288,7 +289,9 @@ pub async fn harvest(
         .await?;
         counts.failed += u64::from(failed);
         counts.requeued += outcome::requeue_all_submitted(&mut tx, batch_id, &reason, &now).await?;
-    } else {
+    } else if counts.succeeded + counts.failed + counts.requeued < item_count {
+        // Each count is an item of this batch that left `submitted` above. When they add up to
+        // the batch, none is missing, and the two updates that settle the missing are skipped.
         let (requeued, failed) =
             outcome::settle_missing(&mut tx, batch_id, max_attempts, &reason, &now).await?;
         counts.requeued += requeued;
@@ -342,6 +345,7 @@ fn success_of(item_id: i64, line: &ResultLine) -> Option<Success> {
 }
 
 /// Writes one line that is not a success: a failed or retryable response, or an error line.
+/// Returns whether its item was still waiting for a result; only then is it counted.
 async fn write_line(
     conn: &mut sqlx::SqliteConnection,
     batch_id: i64,
@@ -359,11 +363,12 @@ async fn write_line(
         let status = response.status_code;
         let message = format!("provider returned HTTP {status}: {body}");
         if status == 429 || status == 408 || status >= 500 {
-            counts.requeued += 1;
-            return outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await;
+            let requeued =
+                outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await?;
+            counts.requeued += u64::from(requeued);
+            return Ok(requeued);
         }
-        counts.failed += 1;
-        return outcome::finish_submitted(
+        let failed = outcome::finish_submitted(
             conn,
             batch_id,
             item_id,
@@ -377,7 +382,9 @@ async fn write_line(
             },
             now,
         )
-        .await;
+        .await?;
+        counts.failed += u64::from(failed);
+        return Ok(failed);
     }
     let message = line
         .error_message()
@@ -388,11 +395,11 @@ async fn write_line(
         .and_then(|e| e.get("code"))
         .and_then(|c| c.as_str());
     if code.is_some_and(|c| RETRYABLE_LINE_CODES.contains(&c)) {
-        counts.requeued += 1;
-        return outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await;
+        let requeued = outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await?;
+        counts.requeued += u64::from(requeued);
+        return Ok(requeued);
     }
-    counts.failed += 1;
-    outcome::finish_submitted(
+    let failed = outcome::finish_submitted(
         conn,
         batch_id,
         item_id,
@@ -406,7 +413,9 @@ async fn write_line(
         },
         now,
     )
-    .await
+    .await?;
+    counts.failed += u64::from(failed);
+    Ok(failed)
 }
 
 /// Gives up on a batch that could not be created: its items go back to the queue with one
@@ -444,6 +453,158 @@ pub async fn abandon_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{BatchState, FileTotals, NewBatch, NewFile, NewItem};
+
+    /// Stores `count` chat items of one file and submits them as one batch job. Returns the
+    /// store, the batch's id and the items' ids.
+    async fn submitted_batch(dir: &tempfile::TempDir, count: u64) -> (Store, i64, Vec<i64>) {
+        let store = Store::open(&dir.path().join("batchd.db")).await.unwrap();
+        let file = NewFile {
+            name: "f.jsonl".into(),
+            sha256: "f".into(),
+            urgent: false,
+        };
+
+        let mut ingest = store.begin_file(&file).await.unwrap();
+        let items = (1..=count)
+            .map(|n| NewItem {
+                line_no: n,
+                custom_id: format!("c{n}"),
+                endpoint: "/v1/chat/completions".into(),
+                model: "m".into(),
+                body: "{}".into(),
+                urgent: false,
+                deadline: None,
+                error: None,
+            })
+            .collect();
+        ingest.insert(items).await.unwrap();
+        let totals = FileTotals {
+            lines: count,
+            items: count,
+            errors: 0,
+            report: "{}",
+        };
+        ingest.commit(totals).await.unwrap();
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM work_items ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+
+        let batch = NewBatch {
+            endpoint: "/v1/chat/completions".into(),
+            model: "m".into(),
+            item_ids: ids.clone(),
+            bytes: 0,
+        };
+        let batch = store.pack_batch(&batch).await.unwrap().unwrap();
+        store
+            .set_batch_state(batch.id, BatchState::Packed, BatchState::Creating)
+            .await
+            .unwrap();
+        store
+            .record_created(batch.id, "job-1", "VALIDATING", Utc::now())
+            .await
+            .unwrap();
+        (store, batch.id, ids)
+    }
+
+    fn completed() -> BatchJob {
+        serde_json::from_value(serde_json::json!({"id": "job-1", "status": "COMPLETED"})).unwrap()
+    }
+
+    fn success(item_id: i64) -> String {
+        format!(
+            r#"{{"custom_id":"{}","response":{{"status_code":200,"body":{{"choices":[]}}}}}}"#,
+            line_id(item_id)
+        )
+    }
+
+    fn server_error(item_id: i64) -> String {
+        format!(
+            r#"{{"custom_id":"{}","response":{{"status_code":500,"body":{{"error":"busy"}}}}}}"#,
+            line_id(item_id)
+        )
+    }
+
+    async fn states(store: &Store) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT state, attempts FROM work_items ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_item_with_a_line_settles_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, batch_id, ids) = submitted_batch(&dir, 3).await;
+        let error_line = format!(
+            r#"{{"custom_id":"{}","error":{{"message":"bad request","code":"invalid_request"}}}}"#,
+            line_id(ids[2])
+        );
+        let output = [success(ids[0]), server_error(ids[1])].join("\n");
+        let (output, _) = parse_result_file(output.as_bytes());
+        let (errors, _) = parse_result_file(error_line.as_bytes());
+
+        let counts = harvest(&store, batch_id, &completed(), &output, &errors, 3, None)
+            .await
+            .unwrap();
+
+        assert_eq!(
+            (
+                counts.succeeded,
+                counts.requeued,
+                counts.failed,
+                counts.ignored
+            ),
+            (1, 1, 1, 0)
+        );
+        assert_eq!(
+            states(&store).await,
+            [
+                ("succeeded".to_string(), 1),
+                ("queued".to_string(), 1),
+                ("failed".to_string(), 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn late_line_counts_as_ignored_and_missing_item_is_requeued() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, batch_id, ids) = submitted_batch(&dir, 3).await;
+        // The second item left the job before its result came, as a cancel does.
+        sqlx::query("UPDATE work_items SET state = 'failed' WHERE id = ?1")
+            .bind(ids[1])
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let output = [success(ids[0]), server_error(ids[1])].join("\n");
+        let (output, _) = parse_result_file(output.as_bytes());
+
+        let counts = harvest(&store, batch_id, &completed(), &output, &[], 3, None)
+            .await
+            .unwrap();
+
+        // The third item had no line, so it goes back to the queue with one more attempt.
+        assert_eq!(
+            (
+                counts.succeeded,
+                counts.requeued,
+                counts.failed,
+                counts.ignored
+            ),
+            (1, 1, 0, 1)
+        );
+        assert_eq!(
+            states(&store).await,
+            [
+                ("succeeded".to_string(), 1),
+                ("failed".to_string(), 0),
+                ("queued".to_string(), 1)
+            ]
+        );
+    }
 
     #[test]
     fn blamed_item_by_custom_id() {

@@ -322,8 +322,9 @@ impl Store {
     }
 }
 
-/// Marks a submitted batch harvested with its final provider fields. Matches nothing when the
-/// batch was already harvested, which makes a second harvest a no-op.
+/// Marks a submitted batch harvested with its final provider fields and returns its item count.
+/// Matches nothing, and returns `None`, when the batch was already harvested, which makes a
+/// second harvest a no-op.
 pub(crate) async fn mark_harvested(
     conn: &mut SqliteConnection,
     batch_id: i64,
@@ -332,11 +333,12 @@ pub(crate) async fn mark_harvested(
     error_file_id: Option<&str>,
     error: Option<&str>,
     now: &str,
-) -> Result<bool, StoreError> {
-    let done = sqlx::query(
+) -> Result<Option<u64>, StoreError> {
+    let item_count: Option<i64> = sqlx::query_scalar(
         "UPDATE batches SET state = 'harvested', provider_status = ?2, output_file_id = ?3,
                 error_file_id = ?4, error = ?5, finished_at = ?6, progress = 100.0
-         WHERE id = ?1 AND state = 'submitted'",
+         WHERE id = ?1 AND state = 'submitted'
+         RETURNING item_count",
     )
     .bind(batch_id)
     .bind(provider_status)
@@ -344,7 +346,7 @@ pub(crate) async fn mark_harvested(
     .bind(error_file_id)
     .bind(error)
     .bind(now)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(item_count.map(|n| n.max(0) as u64))
 }
