@@ -534,31 +534,38 @@ mod tests {
             .unwrap()
     }
 
+    /// Harvests a completed job with these output and error files.
+    async fn harvest_files(store: &Store, batch_id: i64, output: &str, errors: &str) -> Harvest {
+        let (output, _) = parse_result_file(output.as_bytes());
+        let (errors, _) = parse_result_file(errors.as_bytes());
+        harvest(store, batch_id, &completed(), &output, &errors, 3, None)
+            .await
+            .unwrap()
+    }
+
+    /// Returns the counts in the order succeeded, requeued, failed, ignored.
+    fn tally(counts: &Harvest) -> (u64, u64, u64, u64) {
+        (
+            counts.succeeded,
+            counts.requeued,
+            counts.failed,
+            counts.ignored,
+        )
+    }
+
     #[tokio::test]
-    async fn every_item_with_a_line_settles_the_batch() {
+    async fn harvest_settles_every_answered_item() {
         let dir = tempfile::tempdir().unwrap();
         let (store, batch_id, ids) = submitted_batch(&dir, 3).await;
-        let error_line = format!(
+        let output = [success(ids[0]), server_error(ids[1])].join("\n");
+        let errors = format!(
             r#"{{"custom_id":"{}","error":{{"message":"bad request","code":"invalid_request"}}}}"#,
             line_id(ids[2])
         );
-        let output = [success(ids[0]), server_error(ids[1])].join("\n");
-        let (output, _) = parse_result_file(output.as_bytes());
-        let (errors, _) = parse_result_file(error_line.as_bytes());
 
-        let counts = harvest(&store, batch_id, &completed(), &output, &errors, 3, None)
-            .await
-            .unwrap();
+        let counts = harvest_files(&store, batch_id, &output, &errors).await;
 
-        assert_eq!(
-            (
-                counts.succeeded,
-                counts.requeued,
-                counts.failed,
-                counts.ignored
-            ),
-            (1, 1, 1, 0)
-        );
+        assert_eq!(tally(&counts), (1, 1, 1, 0));
         assert_eq!(
             states(&store).await,
             [
@@ -570,7 +577,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn late_line_counts_as_ignored_and_missing_item_is_requeued() {
+    async fn harvest_ignores_late_line_requeues_missing() {
         let dir = tempfile::tempdir().unwrap();
         let (store, batch_id, ids) = submitted_batch(&dir, 3).await;
         // The second item left the job before its result came, as a cancel does.
@@ -580,22 +587,11 @@ mod tests {
             .await
             .unwrap();
         let output = [success(ids[0]), server_error(ids[1])].join("\n");
-        let (output, _) = parse_result_file(output.as_bytes());
 
-        let counts = harvest(&store, batch_id, &completed(), &output, &[], 3, None)
-            .await
-            .unwrap();
+        let counts = harvest_files(&store, batch_id, &output, "").await;
 
         // The third item had no line, so it goes back to the queue with one more attempt.
-        assert_eq!(
-            (
-                counts.succeeded,
-                counts.requeued,
-                counts.failed,
-                counts.ignored
-            ),
-            (1, 1, 0, 1)
-        );
+        assert_eq!(tally(&counts), (1, 1, 0, 1));
         assert_eq!(
             states(&store).await,
             [

@@ -740,7 +740,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn content_stored_before_is_a_duplicate_whatever_its_name() {
+    async fn ingest_reports_renamed_copy_as_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let paths = paths(&dir);
         let store = Store::open(&paths.database).await.unwrap();
@@ -762,7 +762,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn file_stored_in_part_before_a_restart_is_read_on() {
+    async fn ingest_resumes_file_stored_in_part() {
         let dir = tempfile::tempdir().unwrap();
         let paths = paths(&dir);
         let store = Store::open(&paths.database).await.unwrap();

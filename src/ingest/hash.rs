@@ -10,9 +10,20 @@ use super::IngestError;
 /// Returns the hex SHA-256 of a file's bytes as stored. The file is read on a blocking thread in
 /// large chunks, because each read of an async file is a hand-off to such a thread anyway.
 pub async fn hash_file(path: &Path) -> Result<String, IngestError> {
-    let mut hash = ContentHash::start(path);
-    hash.learn(true).await?;
-    Ok(hash.known().unwrap_or_default().to_string())
+    joined(spawn_hash(path).await)
+}
+
+/// Starts hashing a file on a blocking thread.
+fn spawn_hash(path: &Path) -> JoinHandle<Result<String, IngestError>> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || hash_blocking(&owned))
+}
+
+/// Unwraps the result of a hashing task.
+fn joined(
+    result: Result<Result<String, IngestError>, tokio::task::JoinError>,
+) -> Result<String, IngestError> {
+    result.map_err(|e| IngestError::Reader(e.to_string()))?
 }
 
 /// A file's hash, known or still being computed beside the reading of the file.
@@ -24,8 +35,7 @@ pub enum ContentHash {
 impl ContentHash {
     /// Starts hashing a file on a blocking thread.
     pub fn start(path: &Path) -> ContentHash {
-        let owned = path.to_path_buf();
-        ContentHash::Hashing(tokio::task::spawn_blocking(move || hash_blocking(&owned)))
+        ContentHash::Hashing(spawn_hash(path))
     }
 
     /// Returns the hash the first time it is known: at once if the hashing is done, otherwise
@@ -38,9 +48,7 @@ impl ContentHash {
         if !wait && !task.is_finished() {
             return Ok(None);
         }
-        let sha256 = task
-            .await
-            .map_err(|e| IngestError::Reader(e.to_string()))??;
+        let sha256 = joined(task.await)?;
         *self = ContentHash::Known(sha256.clone());
         Ok(Some(sha256))
     }

@@ -188,10 +188,10 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 
 /// Returns the string a raw value holds, or `None` if it is not a string.
 fn string(raw: &RawValue) -> Option<String> {
-    raw.get()
-        .starts_with('"')
-        .then(|| serde_json::from_str(raw.get()).ok())
-        .flatten()
+    if !raw.get().starts_with('"') {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
 }
 
 /// Names a raw value's type for messages from its first byte, which decides it in valid JSON.
