@@ -347,10 +347,12 @@ async fn batch_slots_refill_when_jobs_finish() {
 }
 
 /// Measures the daemon's CPU time per item, from a file landing in the inbox to its export.
-/// Full size: `BATCHD_BENCH_COST_ITEMS=100000`.
+/// Full size: `BATCHD_BENCH_COST_ITEMS=100000`; `BATCHD_BENCH_COST_JOB_SIZE` sets `batch.max_requests`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_time_per_item() {
     let items = size("BATCHD_BENCH_COST_ITEMS", 5_000);
+    // Runs at two job sizes separate the cost per job from the cost per item.
+    let job_size = size("BATCHD_BENCH_COST_JOB_SIZE", 100);
     let sim = Sim::start(SimConfig {
         turnaround: Duration::from_secs(1),
         ..SimConfig::default()
@@ -358,7 +360,9 @@ async fn cpu_time_per_item() {
     .await;
     let daemon = Daemon::start(
         &sim.base_url,
-        "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.2\npoll_interval_secs = 0.25\n",
+        &format!(
+            "[ingest]\nsettle_secs = 0.1\n\n[batch]\nmax_linger_secs = 0.2\npoll_interval_secs = 0.25\nmax_requests = {job_size}\n"
+        ),
     );
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("requests.jsonl");
@@ -376,7 +380,7 @@ async fn cpu_time_per_item() {
     let cpu = process.cpu() - before;
     let wall = started.elapsed();
     println!(
-        "cost per item: {items} items in {:.1} s; daemon CPU {:.2} s = {:.1} µs per item; peak RSS {:.1} MiB",
+        "cost per item: {items} items in jobs of {job_size} in {:.1} s; daemon CPU {:.2} s = {:.1} µs per item; peak RSS {:.1} MiB",
         wall.as_secs_f64(),
         cpu.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / items as f64,

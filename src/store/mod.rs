@@ -139,12 +139,7 @@ impl Store {
         // statement keeps its whole journal in memory. A 1 MiB spill limit
         // (`SQLITE_STMTJRNL_SPILL`) made a million-line ingest fail with SQLITE_FULL.
         let pool = SqlitePoolOptions::new()
-            .max_connections(
-                std::env::var("XPOOL")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(4),
-            )
+            .max_connections(4)
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Open {
