@@ -344,16 +344,21 @@ fn success_of(item_id: i64, line: &ResultLine) -> Option<Success> {
     })
 }
 
-/// Writes one line that is not a success: a failed or retryable response, or an error line.
-/// Returns whether its item was still waiting for a result; only then is it counted.
-async fn write_line(
-    conn: &mut sqlx::SqliteConnection,
-    batch_id: i64,
-    item_id: i64,
-    line: &ResultLine,
-    now: &str,
-    counts: &mut Harvest,
-) -> Result<bool, StoreError> {
+/// The effect of a line that is not a success on its item.
+enum LineOutcome<'a> {
+    /// Returned to the queue, with this as its last error.
+    Requeue(String),
+    /// Failed, with the provider's status and body when it sent a response.
+    Fail {
+        status_code: Option<u16>,
+        response: Option<&'a str>,
+        message: String,
+    },
+}
+
+/// Decides what a line that is not a success does: a retryable response or error code
+/// requeues its item, anything else fails it.
+fn line_outcome(line: &ResultLine) -> LineOutcome<'_> {
     if let Some(response) = line
         .response
         .as_ref()
@@ -363,28 +368,13 @@ async fn write_line(
         let status = response.status_code;
         let message = format!("provider returned HTTP {status}: {body}");
         if status == 429 || status == 408 || status >= 500 {
-            let requeued =
-                outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await?;
-            counts.requeued += u64::from(requeued);
-            return Ok(requeued);
+            return LineOutcome::Requeue(message);
         }
-        let failed = outcome::finish_submitted(
-            conn,
-            batch_id,
-            item_id,
-            &ItemOutcome {
-                state: ItemState::Failed,
-                status_code: Some(status),
-                response: Some(body),
-                error: Some(&message),
-                usage: Usage::default(),
-                model_used: None,
-            },
-            now,
-        )
-        .await?;
-        counts.failed += u64::from(failed);
-        return Ok(failed);
+        return LineOutcome::Fail {
+            status_code: Some(status),
+            response: Some(body),
+            message,
+        };
     }
     let message = line
         .error_message()
@@ -395,27 +385,50 @@ async fn write_line(
         .and_then(|e| e.get("code"))
         .and_then(|c| c.as_str());
     if code.is_some_and(|c| RETRYABLE_LINE_CODES.contains(&c)) {
-        let requeued = outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await?;
-        counts.requeued += u64::from(requeued);
-        return Ok(requeued);
+        return LineOutcome::Requeue(message);
     }
-    let failed = outcome::finish_submitted(
-        conn,
-        batch_id,
-        item_id,
-        &ItemOutcome {
-            state: ItemState::Failed,
-            status_code: None,
-            response: None,
-            error: Some(&message),
-            usage: Usage::default(),
-            model_used: None,
-        },
-        now,
-    )
-    .await?;
-    counts.failed += u64::from(failed);
-    Ok(failed)
+    LineOutcome::Fail {
+        status_code: None,
+        response: None,
+        message,
+    }
+}
+
+/// Writes one line that is not a success: a failed or retryable response, or an error line.
+/// Returns whether its item was still waiting for a result; only then is it counted.
+async fn write_line(
+    conn: &mut sqlx::SqliteConnection,
+    batch_id: i64,
+    item_id: i64,
+    line: &ResultLine,
+    now: &str,
+    counts: &mut Harvest,
+) -> Result<bool, StoreError> {
+    match line_outcome(line) {
+        LineOutcome::Requeue(message) => {
+            let requeued =
+                outcome::requeue_submitted(conn, batch_id, item_id, &message, now).await?;
+            counts.requeued += u64::from(requeued);
+            Ok(requeued)
+        }
+        LineOutcome::Fail {
+            status_code,
+            response,
+            message,
+        } => {
+            let item = ItemOutcome {
+                state: ItemState::Failed,
+                status_code,
+                response,
+                error: Some(&message),
+                usage: Usage::default(),
+                model_used: None,
+            };
+            let failed = outcome::finish_submitted(conn, batch_id, item_id, &item, now).await?;
+            counts.failed += u64::from(failed);
+            Ok(failed)
+        }
+    }
 }
 
 /// Gives up on a batch that could not be created: its items go back to the queue with one
