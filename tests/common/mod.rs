@@ -184,12 +184,17 @@ impl Daemon {
         wait_for(|| path.exists(), "the database to exist");
         let options = SqliteConnectOptions::new().filename(&path).read_only(true);
         let pool = SqlitePool::connect_with(options).await.unwrap();
-        // The file appears before the migrations have run; wait for the schema.
+        // The file appears before the migrations have run, and each migration commits on its
+        // own, so wait until every one has.
+        let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+            .unwrap()
+            .count() as i64;
         let started = Instant::now();
-        while sqlx::query("SELECT 1 FROM results LIMIT 1")
-            .fetch_optional(&pool)
+        while sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&pool)
             .await
-            .is_err()
+            .ok()
+            != Some(migrations)
         {
             assert!(
                 started.elapsed() < PATIENCE,
